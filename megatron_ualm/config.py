@@ -131,6 +131,11 @@ class UALMConfig(TransformerConfig):
                 f"transformer_impl={self.transformer_impl!r}: UALM supports 'local' (CPU, tests) "
                 "and 'transformer_engine' (GPU)"
             )
+        if self.transformer_impl == "transformer_engine" and not te_available():
+            raise ValueError(
+                "transformer_impl='transformer_engine' needs Transformer Engine and a CUDA "
+                "device; use transformer_impl='local' on CPU"
+            )
         if self.fp8:
             if self.transformer_impl != "transformer_engine":
                 raise ValueError(
@@ -216,6 +221,22 @@ FLAVORS: dict[str, dict[str, Any]] = {
 }
 
 
+def te_available() -> bool:
+    """True when Transformer Engine imports and a CUDA device is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_transformer_impl() -> str:
+    """``transformer_engine`` where TE can run (GPU), else ``local``."""
+    return "transformer_engine" if te_available() else "local"
+
+
 def make_config(flavor: str, **overrides: Any) -> UALMConfig:
     """Builds the validated config of a flavor, with run-specific overrides.
 
@@ -235,6 +256,7 @@ def make_config(flavor: str, **overrides: Any) -> UALMConfig:
     if unknown:
         raise ValueError(f"unknown UALMConfig field(s) {unknown} in overrides")
     kwargs = {**_QWEN_BLOCK, **FLAVORS[flavor], **overrides}
+    kwargs.setdefault("transformer_impl", default_transformer_impl())
     if kwargs.get("bf16") and "params_dtype" not in overrides:
         kwargs["params_dtype"] = torch.bfloat16
     return UALMConfig(**kwargs)

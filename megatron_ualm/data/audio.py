@@ -1,0 +1,225 @@
+"""Audio decoding, the audio-in windowing rule, and the frozen encoder's log-mel features.
+
+Audio in (understanding) is read by a Whisper-family encoder: 16 kHz mono, log-mel frames at
+100 Hz (hop 160), fixed windows (30 s = 3000 mel frames for the real flavors). The encoder
+emits 25 Hz frames, one ``<|audio_in|>`` placeholder each. A clip longer than one window is
+split into consecutive windows; ``n`` samples of a window give ``ceil(n / 640)`` frames.
+
+Features of a window are Whisper's (``transformers.WhisperFeatureExtractor``) on the
+zero-padded window, with every mel frame past the window's valid 25 Hz frames set to the
+window's silence floor ``max(-1.5, max - 2)``, the value Whisper gives padding after its 8 dB
+(in log10 units) dynamic-range clamp. Stating it this way lets shards store only the valid
+mel frames and rebuild the same padded window at training time.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from megatron_ualm.data.errors import RecordError
+
+AUDIO_IN_SAMPLE_RATE = 16000
+"""Sample rate the audio encoder reads."""
+
+MEL_HOP = 160
+"""Samples per log-mel frame (100 Hz at 16 kHz)."""
+
+SAMPLES_PER_AUDIO_IN_FRAME = 640
+"""Samples per 25 Hz encoder frame (= one placeholder)."""
+
+MEL_PER_AUDIO_IN_FRAME = SAMPLES_PER_AUDIO_IN_FRAME // MEL_HOP
+
+
+def load_audio(
+    source: Union[str, bytes],
+    sample_rate: int,
+    start: Optional[float] = None,
+    end: Optional[float] = None,
+    field: str = "audio",
+) -> np.ndarray:
+    """Decodes a clip (WAV/FLAC/OGG/MP3), downmixes to mono and resamples.
+
+    Args:
+        source: a file path or the encoded file's bytes.
+        sample_rate: the output rate.
+        start: clip start in seconds (None: the beginning).
+        end: clip end in seconds (None: the end of the file).
+        field: the manifest field named in errors.
+
+    Returns:
+        float32 ``[n]`` samples in [-1, 1].
+
+    Raises:
+        RecordError: the file is missing, cannot be decoded, or the clip is empty.
+    """
+    import soundfile as sf
+    import soxr
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        handle, name = io.BytesIO(bytes(source)), "<bytes>"
+    elif isinstance(source, str):
+        handle, name = source, source
+        import os
+
+        if not os.path.exists(source):
+            raise RecordError(f"audio file {source} does not exist", field)
+    else:
+        raise RecordError(
+            f"expected a file path (string) or the file's bytes, got {type(source).__name__}", field
+        )
+    for key, value in (("start", start), ("end", end)):
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not math.isfinite(value) or value < 0):
+            raise RecordError(f"must be a non-negative number of seconds, got {value!r}", key)
+    if start is not None and end is not None and end <= start:
+        raise RecordError(f"end={end} must be after start={start}", "end")
+    try:
+        with sf.SoundFile(handle) as snd:
+            rate = snd.samplerate
+            first = int(round((start or 0.0) * rate))
+            last = snd.frames if end is None else min(snd.frames, int(round(end * rate)))
+            if first >= snd.frames:
+                raise RecordError(
+                    f"start={start} s is past the end of {name} ({snd.frames / rate:.2f} s)", "start"
+                )
+            if first:
+                snd.seek(first)
+            data = snd.read(last - first, dtype="float32", always_2d=True)  # [n, channels]
+    except RecordError:
+        raise
+    except Exception as err:  # libsndfile reports every decode failure as a generic error
+        raise RecordError(f"cannot decode audio {name}: {err}", field) from None
+    if data.shape[0] == 0:
+        raise RecordError(f"audio {name} has no samples in the requested range", field)
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(mono).all():
+        raise RecordError(f"audio {name} decodes to non-finite samples", field)
+    if rate != sample_rate:
+        mono = soxr.resample(mono, rate, sample_rate, quality="HQ").astype(np.float32)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class AudioInConfig:
+    """Shape of the frozen encoder's input windows.
+
+    Args:
+        n_mels: mel bins (128 for AF-Whisper, 16 for the debug flavor).
+        window_seconds: seconds per encoder window (30 for AF-Whisper, 2 for debug).
+    """
+
+    n_mels: int = 128
+    window_seconds: int = 30
+
+    @classmethod
+    def from_model_config(cls, config) -> "AudioInConfig":
+        """The windows a ``UALMConfig``'s encoder reads: ``2 * max_source_positions`` mel frames."""
+        enc = config.audio_encoder_config or {}
+        window_mel = 2 * int(enc.get("max_source_positions", 1500))
+        return cls(n_mels=int(enc.get("num_mel_bins", 128)), window_seconds=window_mel * MEL_HOP // AUDIO_IN_SAMPLE_RATE)
+
+    @property
+    def window_samples(self) -> int:
+        return self.window_seconds * AUDIO_IN_SAMPLE_RATE
+
+    @property
+    def window_mel_frames(self) -> int:
+        return self.window_samples // MEL_HOP
+
+    @property
+    def window_frames(self) -> int:
+        """25 Hz frames of a full window."""
+        return self.window_samples // SAMPLES_PER_AUDIO_IN_FRAME
+
+    def frames_per_window(self, num_samples: int) -> list[int]:
+        """25 Hz frames of each window of a ``num_samples``-sample clip (the placeholder rule)."""
+        out = []
+        for begin in range(0, num_samples, self.window_samples):
+            n = min(self.window_samples, num_samples - begin)
+            out.append(-(-n // SAMPLES_PER_AUDIO_IN_FRAME))
+        return out
+
+    def frames_per_mel_window(self, num_mel_frames: int) -> list[int]:
+        """25 Hz frames of each window of stored valid mel frames (``4`` mel frames each)."""
+        return [
+            min(self.window_mel_frames, num_mel_frames - b) // MEL_PER_AUDIO_IN_FRAME
+            for b in range(0, num_mel_frames, self.window_mel_frames)
+        ]
+
+
+class LogMel:
+    """Whisper log-mel features per encoder window (see the module docstring for the rule).
+
+    Args:
+        config: the window shape.
+        device: where the STFT runs (``"cpu"`` or ``"cuda"``).
+    """
+
+    def __init__(self, config: AudioInConfig, device: str = "cpu"):
+        from transformers import WhisperFeatureExtractor
+
+        self.config = config
+        self.device = device
+        self._extractor = WhisperFeatureExtractor(
+            feature_size=config.n_mels,
+            sampling_rate=AUDIO_IN_SAMPLE_RATE,
+            hop_length=MEL_HOP,
+            chunk_length=config.window_seconds,
+        )
+
+    def valid_windows(self, samples: np.ndarray) -> list[np.ndarray]:
+        """The valid mel frames of each window of a 16 kHz clip.
+
+        Args:
+            samples: float32 ``[n]``.
+
+        Returns:
+            one float32 ``[n_mels, 4 * frames_w]`` array per window.
+        """
+        W = self.config.window_samples
+        windows = [samples[b:b + W] for b in range(0, samples.shape[0], W)]
+        feats = self._extractor(
+            windows,
+            sampling_rate=AUDIO_IN_SAMPLE_RATE,
+            padding="max_length",
+            return_tensors="np",
+            device=self.device,
+        )["input_features"]  # [n, n_mels, window_mel]
+        frames = self.config.frames_per_window(samples.shape[0])
+        return [np.ascontiguousarray(f[:, : n * MEL_PER_AUDIO_IN_FRAME]) for f, n in zip(feats, frames)]
+
+    def pad_windows(self, valid: Sequence[np.ndarray]) -> torch.Tensor:
+        """Full encoder windows from valid mel frames.
+
+        Args:
+            valid: ``[n_mels, m_w]`` arrays, ``m_w <= window_mel_frames``.
+
+        Returns:
+            float32 ``[n, n_mels, window_mel_frames]``.
+        """
+        return pad_mel_windows(valid, self.config)
+
+
+def pad_mel_windows(valid: Sequence[np.ndarray], config: AudioInConfig) -> torch.Tensor:
+    """Pads valid mel frames of each window with that window's silence floor.
+
+    Args:
+        valid: ``[n_mels, m_w]`` arrays.
+        config: the window shape.
+
+    Returns:
+        float32 ``[n, n_mels, window_mel_frames]``.
+    """
+    out = torch.empty(len(valid), config.n_mels, config.window_mel_frames)
+    for i, v in enumerate(valid):
+        t = torch.from_numpy(np.asarray(v, dtype=np.float32))
+        m = t.shape[1]
+        out[i, :, :m] = t
+        out[i, :, m:] = max(-1.5, float(t.max()) - 2.0) if m else -1.5
+    return out
