@@ -1,0 +1,137 @@
+"""Command lines of the data tools (``tools/*.py`` call these ``main`` functions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from megatron_ualm.data.audio import AudioInConfig
+from megatron_ualm.data.preprocess import Job, StrictStop, run
+from megatron_ualm.data.records import GenerationConverter, TextConverter, UnderstandingConverter
+
+_EPILOG = """
+Output: <output>/<name>-00000/, -00001/, ... each a shard directory (shard.json sidecar,
+text/codes/audio .bin/.idx streams, rejected.jsonl), plus <output>/<name>.rejected.jsonl.
+Rerunning the same command resumes: finished shards are kept, a crashed run's partial shard
+is discarded and rewritten. Bad records are skipped and counted unless --strict.
+"""
+
+
+def _common(parser: argparse.ArgumentParser, default_per_shard: int) -> None:
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="manifest files (.jsonl or .parquet), read in the order given")
+    parser.add_argument("--output", required=True, help="directory for the shards")
+    parser.add_argument("--name", help="shard name prefix (default: the data family)")
+    parser.add_argument("--tokenizer", required=True,
+                        help="tokenizer.json, a directory holding one (e.g. Qwen2.5), or a sentencepiece .model")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1: in-process)")
+    parser.add_argument("--records-per-shard", type=int, default=default_per_shard,
+                        help=f"manifest records per shard (default {default_per_shard})")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first bad record (default: skip it and record the reason)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _audio_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--audio-root",
+                        help="directory relative audio paths are resolved against (default: the manifest's directory)")
+
+
+def _run(args, family: str, converter: tuple) -> int:
+    job = Job(converter=converter, inputs=args.input, output=args.output, name=args.name or family,
+              records_per_shard=args.records_per_shard, workers=args.workers, strict=args.strict,
+              progress=not args.no_progress)
+    try:
+        summary = run(job)
+    except StrictStop as err:
+        print(f"error (--strict): {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _root(args) -> str:
+    return args.audio_root or os.path.dirname(os.path.abspath(args.input[0]))
+
+
+def preprocess_text_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Text-reasoning family: plain text and chat records -> token shards."""
+    parser = argparse.ArgumentParser(
+        prog="preprocess_text",
+        description="Tokenise text records into UALM token shards (the text family). A record is "
+                    '{"text": "..."} (one trained assistant message) or {"messages": [{"role": '
+                    '"system|user|assistant", "content": "..."}]} (a chat; loss on assistant turns).',
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(parser, 10000)
+    args = parser.parse_args(argv)
+    return _run(args, "text", (TextConverter, dict(tokenizer=args.tokenizer)))
+
+
+def preprocess_generation_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Generation family: audio clip + caption -> caption tokens and codec codes."""
+    parser = argparse.ArgumentParser(
+        prog="preprocess_generation",
+        description="Encode text-to-audio records into UALM token shards (the generation family). "
+                    'A record is {"audio": path|bytes, "start": s, "end": s, "caption": "...", '
+                    '"rich_caption": {"keywords", "layout", "description"}} or carries precomputed '
+                    '"codes" ([K][T] integers) instead of "audio". Audio is decoded, downmixed, '
+                    "resampled to the codec's rate and encoded into K x T codes.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(parser, 1000)
+    _audio_root(parser)
+    parser.add_argument("--codec", default="xcodec",
+                        help="codec: 'xcodec' (transformers XcodecModel), 'package.module:Class' (a "
+                             "megatron_ualm.data.codec.Codec subclass), or 'precomputed' (records carry codes)")
+    parser.add_argument("--codec-path", help="local codec checkpoint directory (save_pretrained layout)")
+    parser.add_argument("--codec-device", help="torch device for the codec (default: cuda when available)")
+    parser.add_argument("--codec-batch-size", type=int, default=8, help="clips per codec call (default 8)")
+    parser.add_argument("--num-codebooks", type=int, help="K to keep (default: the codec's; required for precomputed)")
+    parser.add_argument("--codebook-size", type=int, help="codes per codebook (precomputed codes only)")
+    parser.add_argument("--frame-rate", type=int, help="codec frames per second (precomputed codes only)")
+    parser.add_argument("--rich-caption", choices=("plan", "condition"), default="plan",
+                        help="plan: the rich caption is an assistant text plan before the audio (default); "
+                             "condition: it replaces the caption as the user's condition")
+    args = parser.parse_args(argv)
+    if args.codec == "precomputed":
+        missing = [f"--{n.replace('_', '-')}" for n in ("num_codebooks", "codebook_size", "frame_rate")
+                   if getattr(args, n) is None]
+        if missing:
+            parser.error(f"--codec precomputed needs {', '.join(missing)}")
+        kwargs = dict(codec=None, codec_identity=dict(name="precomputed", num_codebooks=args.num_codebooks,
+                                                       codebook_size=args.codebook_size, frame_rate=args.frame_rate))
+    else:
+        if not args.codec_path:
+            parser.error(f"--codec {args.codec} needs --codec-path")
+        kwargs = dict(codec=dict(name=args.codec, path=args.codec_path, device=args.codec_device,
+                                 num_codebooks=args.num_codebooks))
+    converter = (GenerationConverter, dict(tokenizer=args.tokenizer, rich_caption=args.rich_caption,
+                                           codec_batch_size=args.codec_batch_size, audio_root=_root(args), **kwargs))
+    return _run(args, "generation", converter)
+
+
+def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Understanding family: audio clip + conversation -> text tokens and stored audio."""
+    parser = argparse.ArgumentParser(
+        prog="preprocess_understanding",
+        description="Store audio-understanding records as UALM token shards (the understanding family). "
+                    'A record (Audio Flamingo 3 style) is {"sound"|"audio": path|bytes, "start": s, "end": s, '
+                    '"conversations": [{"from": "human", "value": "<sound>\\nQuestion"}, {"from": "gpt", '
+                    '"value": "Answer"}]} (or "messages" with role/content). The clip goes where <sound> is. '
+                    "Audio is stored as 16 kHz PCM or as Whisper log-mel features for the frozen encoder.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(parser, 1000)
+    _audio_root(parser)
+    parser.add_argument("--audio-in-storage", choices=("pcm16", "mel"), default="pcm16",
+                        help="pcm16: 16 kHz int16 samples (default; features computed while training); "
+                             "mel: valid log-mel frames, float32 (more disk, no feature work while training)")
+    parser.add_argument("--n-mels", type=int, default=128, help="mel bins of the encoder (default 128; debug flavor 16)")
+    parser.add_argument("--window-seconds", type=int, default=30,
+                        help="encoder window in seconds (default 30; debug flavor 2)")
+    args = parser.parse_args(argv)
+    converter = (UnderstandingConverter, dict(tokenizer=args.tokenizer, storage=args.audio_in_storage,
+                                              audio_in=AudioInConfig(args.n_mels, args.window_seconds),
+                                              audio_root=_root(args)))
+    return _run(args, "understanding", converter)

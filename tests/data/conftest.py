@@ -1,0 +1,167 @@
+"""Tiny real components for the data tests: a trained tokenizer, a random X-Codec, audio files.
+
+Everything is built here, offline, in well under a second each (session-scoped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from megatron_ualm.config import make_config
+from megatron_ualm.vocab import UALMVocab
+
+WORDS = ("dog bark rain wind engine car bird song piano guitar speech crowd water drip door slam "
+         "siren bell clock tick laugh baby cry thunder storm train horn wave beach fire crackle").split()
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def debug_config():
+    return make_config("debug")
+
+
+@pytest.fixture(scope="session")
+def vocab(debug_config) -> UALMVocab:
+    return UALMVocab.from_config(debug_config)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory, debug_config) -> str:
+    """A word-piece-free BPE trained on the test words; vocab fits the debug flavor's text ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["[UNK]"], show_progress=False)
+    tok.train_from_iterator(sentences(500), trainer)
+    assert tok.get_vocab_size() <= debug_config.text_vocab_size
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_path(tmp_path_factory) -> str:
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("sp")
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(sentences(300)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "sp"), vocab_size=60,
+                                   model_type="bpe", minloglevel=2)
+    return str(d / "sp.model")
+
+
+@pytest.fixture(scope="session")
+def codec_dir(tmp_path_factory, debug_config) -> str:
+    """A tiny random X-Codec (K=8, card=64) with random codebooks, saved like a checkpoint."""
+    from transformers import HubertConfig, XcodecConfig, XcodecModel
+
+    torch.manual_seed(0)
+    K, card = debug_config.num_codebooks, debug_config.codebook_size
+    cfg = XcodecConfig(
+        target_bandwidths=[K * 50 * int(np.log2(card)) / 1000],
+        codebook_size=card,
+        acoustic_model_config=dict(encoder_hidden_size=4, decoder_hidden_size=32, hidden_size=8),
+        semantic_model_config=HubertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=32, conv_dim=(8,) * 7,
+                                           num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2).to_dict(),
+    )
+    model = XcodecModel(cfg).eval()
+    with torch.no_grad():
+        for q in model.quantizer.quantizers:
+            q.codebook.embed.normal_()
+    path = tmp_path_factory.mktemp("codec") / "xcodec"
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1, seed: int = 0) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    rng = np.random.default_rng(seed)
+    x = 0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(t.shape)
+    return np.stack([x * (1 - 0.3 * c) for c in range(channels)], axis=1).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def audio_dir(tmp_path_factory) -> str:
+    """Synthesised clips: 16 kHz mono WAV, 44.1 kHz stereo FLAC, 22.05 kHz OGG, a corrupt file."""
+    d = tmp_path_factory.mktemp("audio")
+    for i in range(6):
+        sf.write(d / f"wav{i}.wav", tone(0.5 + 0.4 * i, 16000, 200 + 50 * i, seed=i), 16000)
+    sf.write(d / "stereo.flac", tone(2.5, 44100, 330, channels=2), 44100)
+    sf.write(d / "clip.ogg", tone(1.2, 22050, 550), 22050, format="OGG", subtype="VORBIS")
+    (d / "corrupt.wav").write_bytes(b"RIFF\x00\x01garbage that is not audio" * 10)
+    return str(d)
+
+
+def write_jsonl(path, records) -> str:
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def text_records(n: int, seed: int = 0) -> list[dict]:
+    s = sentences(3 * n, seed)
+    out = []
+    for i in range(n):
+        if i % 2:
+            out.append({"text": s[3 * i]})
+        else:
+            out.append({"messages": [{"role": "system", "content": s[3 * i]},
+                                     {"role": "user", "content": s[3 * i + 1]},
+                                     {"role": "assistant", "content": s[3 * i + 2]}]})
+    return out
+
+
+def generation_records(n: int, seed: int = 0) -> list[dict]:
+    s = sentences(n, seed + 1)
+    names = [f"wav{i}.wav" for i in range(6)] + ["stereo.flac", "clip.ogg"]
+    out = []
+    for i in range(n):
+        r = {"audio": names[i % len(names)], "caption": s[i]}
+        if i % 3 == 0:
+            r["rich_caption"] = {"keywords": ["dog", "rain"], "layout": "dog then rain", "description": s[i]}
+        if i % 4 == 1:
+            r.update(start=0.1, end=0.5)
+        out.append(r)
+    return out
+
+
+def understanding_records(n: int, seed: int = 0) -> list[dict]:
+    s = sentences(2 * n, seed + 2)
+    names = [f"wav{i}.wav" for i in range(6)] + ["stereo.flac", "clip.ogg"]
+    return [{"sound": names[i % len(names)],
+             "conversations": [{"from": "human", "value": f"<sound>\n{s[2 * i]}"},
+                               {"from": "gpt", "value": s[2 * i + 1]}]} for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
+    """Shards of all three families written by the tools from tiny manifests (session-wide)."""
+    from megatron_ualm.data.cli import (preprocess_generation_main, preprocess_text_main,
+                                        preprocess_understanding_main)
+
+    out = tmp_path_factory.mktemp("shards")
+    text = write_jsonl(out / "text.jsonl", text_records(400))
+    gen = write_jsonl(os.path.join(audio_dir, "gen.jsonl"), generation_records(48))
+    und = write_jsonl(os.path.join(audio_dir, "und.jsonl"), understanding_records(48))
+    common = ["--tokenizer", tokenizer_path, "--no-progress"]
+    assert preprocess_text_main(["--input", text, "--output", str(out / "text"), "--records-per-shard", "150", *common]) == 0
+    assert preprocess_generation_main(["--input", gen, "--output", str(out / "gen"), "--records-per-shard", "16",
+                                       "--codec-path", codec_dir, *common]) == 0
+    assert preprocess_understanding_main(["--input", und, "--output", str(out / "und"), "--records-per-shard", "16",
+                                          "--n-mels", "16", "--window-seconds", "2", *common]) == 0
+    return {"root": str(out), "text": str(out / "text"), "generation": str(out / "gen"),
+            "understanding": str(out / "und")}
