@@ -135,3 +135,88 @@ def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
                                               audio_in=AudioInConfig(args.n_mels, args.window_seconds),
                                               audio_root=_root(args)))
     return _run(args, "understanding", converter)
+
+
+def build_blend_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Writes the pretraining blend from shard sidecars and prints the mixture table."""
+    from megatron_ualm.data.blend import find_shards, format_table, plan_blend
+
+    parser = argparse.ArgumentParser(
+        prog="build_blend",
+        description="Build the UALM pretraining blend from shard sidecars. Each shard's weight is its "
+                    "token count times its family's up-sampling factor (understanding 1x, generation 2x, "
+                    "text 1x by default, as in the paper). Writes a blend JSON (read by "
+                    "megatron_ualm.data.blend.load_plan) and a Megatron --data-path file "
+                    "(weight prefix pairs), and prints the mixture table.")
+    parser.add_argument("shards", nargs="+", help="shard directories, output directories holding shards, or globs")
+    parser.add_argument("--output", required=True, help="blend JSON to write (the --data-path file goes next to it)")
+    parser.add_argument("--upsample", action="append", default=[], metavar="FAMILY=FACTOR",
+                        help="up-sampling factor of a family, e.g. generation=2 (repeatable)")
+    args = parser.parse_args(argv)
+    factors = {}
+    for item in args.upsample:
+        fam, _, value = item.partition("=")
+        try:
+            factors[fam] = float(value)
+        except ValueError:
+            parser.error(f"--upsample {item!r}: expected FAMILY=FACTOR, e.g. generation=2")
+        if fam not in ("understanding", "generation", "text") or factors[fam] <= 0:
+            parser.error(f"--upsample {item!r}: family must be understanding, generation or text, factor > 0")
+    try:
+        plan = plan_blend(find_shards(args.shards), factors)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    tmp = args.output + ".partial"
+    with open(tmp, "w") as f:
+        json.dump(plan.to_json(), f, indent=1)
+    os.replace(tmp, args.output)
+    data_path = os.path.splitext(args.output)[0] + ".data_path.txt"
+    with open(data_path, "w") as f:
+        f.write(" ".join(f"{w:.10g} {p}" for p, w in zip(plan.shards, plan.weights)) + "\n")
+    print(format_table(plan))
+    print(f"wrote {args.output} and {data_path}")
+    return 0
+
+
+def inspect_shards_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Prints samples and statistics of shards, and validates them."""
+    from megatron_ualm.data.inspect import describe_record, shard_stats, validate_shard
+    from megatron_ualm.data.blend import find_shards
+    from megatron_ualm.data.shards import ShardReader
+    from megatron_ualm.data.tokenizer import TextTokenizer
+
+    parser = argparse.ArgumentParser(
+        prog="inspect_shards",
+        description="Inspect UALM shards: print records as readable interleaved text/audio "
+                    "(<audio-in 12.0 s>, <audio-out 250 frames x 8>), print statistics, and validate "
+                    "(index offsets, value ranges, stream alignment, sidecar consistency). Exits 1 when "
+                    "a shard fails validation.")
+    parser.add_argument("shards", nargs="+", help="shard directories, output directories holding shards, or globs")
+    parser.add_argument("--show", type=int, default=2, help="records to print per shard (default 2)")
+    parser.add_argument("--start", type=int, default=0, help="first record to print (default 0)")
+    parser.add_argument("--tokenizer", help="decode text with this tokenizer (default: the one in the sidecar, if present)")
+    parser.add_argument("--no-validate", action="store_true", help="skip validation")
+    args = parser.parse_args(argv)
+    failed = 0
+    tokenizers: dict = {}
+    for path in find_shards(args.shards):
+        print(f"== {path}")
+        problems = [] if args.no_validate else validate_shard(path)
+        if problems:
+            failed += 1
+            print("INVALID:")
+            for p in problems:
+                print(f"  - {p}")
+            continue
+        reader = ShardReader(path)
+        print(json.dumps(shard_stats(reader)))
+        tok_path = args.tokenizer or reader.meta["tokenizer"]["path"]
+        if tok_path not in tokenizers:
+            tokenizers[tok_path] = TextTokenizer(tok_path) if os.path.exists(tok_path) else None
+        for d in range(args.start, min(len(reader), args.start + args.show)):
+            print(f"-- record {d}")
+            print(describe_record(reader.document(d), tokenizers[tok_path]))
+    if not args.no_validate:
+        print("all shards valid" if not failed else f"{failed} shard(s) INVALID")
+    return 1 if failed else 0
