@@ -63,7 +63,7 @@ def revert_delay(delayed: torch.Tensor, num_frames: int | None = None) -> torch.
     """
     B, K, S = delayed.shape
     T = S - K + 1 if num_frames is None else num_frames
-    if T < 0 or T + K - 1 > S:
+    if T < 0 or delayed_length(T, K) > S:
         raise ValueError(f"cannot revert {T} frames of {K} codebooks from {S} delayed steps")
     step = torch.arange(T, device=delayed.device)[None, :] + torch.arange(K, device=delayed.device)[:, None]
     return delayed.gather(2, step.expand(B, K, T))

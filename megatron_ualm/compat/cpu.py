@@ -11,11 +11,11 @@ Call ``apply()`` before building models or parallel state. It is idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 _APPLIED = False
 
@@ -41,23 +41,51 @@ def _map_device(device):
     return device
 
 
-class _CudaToCpuMode(TorchFunctionMode):
-    """Routes ``device="cuda"`` factories and ``.cuda()`` / ``.to("cuda")`` calls to the CPU.
+# Factories that take a ``device=``; Megatron creates tensors with device="cuda" in ~20 places
+# (schedules.py's total_num_tokens, get_default_causal_mask, checkpointing, the optimizer).
+_FACTORIES = (
+    "zeros", "ones", "empty", "full", "tensor", "as_tensor", "arange", "rand", "randn",
+    "randint", "randperm", "linspace", "eye", "empty_strided", "zeros_like", "ones_like",
+    "empty_like", "full_like", "rand_like", "randn_like",
+)
 
-    Works around hard-coded CUDA tensors, e.g. ``total_num_tokens = torch.zeros([],
-    device="cuda")`` in ``pipeline_parallel/schedules.py`` and ``weight.data.cuda()`` in
-    ``LanguageModule.setup_embeddings_and_output_layer``.
-    """
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            return args[0]
+def _on_cpu(factory):
+    """Wraps a torch factory so that a CUDA ``device=`` becomes the CPU."""
+
+    def wrapper(*args, **kwargs):
         if "device" in kwargs:
             kwargs["device"] = _map_device(kwargs["device"])
-        if func is torch.Tensor.to and len(args) > 1:
-            args = (args[0], _map_device(args[1]), *args[2:])
-        return func(*args, **kwargs)
+        return factory(*args, **kwargs)
+
+    wrapper.__wrapped__ = factory
+    return wrapper
+
+
+def _to_on_cpu(to):
+    """Wraps ``Tensor.to`` so that ``.to("cuda")`` / ``.to(device="cuda")`` stay on the CPU."""
+
+    def wrapper(self, *args, **kwargs):
+        if args:
+            args = (_map_device(args[0]), *args[1:])
+        if "device" in kwargs:
+            kwargs["device"] = _map_device(kwargs["device"])
+        return to(self, *args, **kwargs)
+
+    return wrapper
+
+
+class _NoStream:
+    """Stands in for ``torch.cuda.Stream`` / ``Event``: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def query(self) -> bool:
+        return True
 
 
 def apply() -> None:
@@ -79,6 +107,15 @@ def apply() -> None:
     # after batch_isend_irecv; gloo requests are already complete after wait().
     torch.cuda.synchronize = lambda *args, **kwargs: None
 
+    # DDP's grad buffers (distributed/param_and_grad_buffer.py) order the grad all-reduce
+    # against the compute stream with current_stream() / Stream / Event / stream(); on CPU
+    # every op is synchronous, so these are no-ops.
+    torch.cuda.current_stream = lambda *args, **kwargs: _NoStream()
+    torch.cuda.default_stream = lambda *args, **kwargs: _NoStream()
+    torch.cuda.Stream = _NoStream
+    torch.cuda.Event = _NoStream
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+
     # The model-parallel RNG tracker (tensor_parallel/random.py) saves, seeds and restores the
     # *CUDA* generator around tensor-parallel regions. On CPU every op draws from the CPU
     # generator, so the tracker's states must be CPU generator states for fork() to mean
@@ -98,4 +135,10 @@ def apply() -> None:
         lambda record: "CPU RNG state changed" not in record.getMessage()
     )
 
-    _CudaToCpuMode().__enter__()
+    # Module attributes rather than a TorchFunctionMode: a mode is thread-local and is switched
+    # off while it handles a call, so it would not reach the forward that activation
+    # recomputation re-runs inside torch.autograd.backward.
+    for name in _FACTORIES:
+        setattr(torch, name, _on_cpu(getattr(torch, name)))
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.Tensor.to = _to_on_cpu(torch.Tensor.to)

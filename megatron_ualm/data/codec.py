@@ -54,8 +54,9 @@ class Codec(ABC):
 class XCodec(Codec):
     """X-Codec through ``transformers.XcodecModel``, batched, on GPU when there is one.
 
-    A batch is zero-padded to its longest clip; callers sort clips by length so padding
-    (which reaches the last frames through the convolutions' receptive field) stays small.
+    Only clips of equal length share a forward pass: X-Codec's HuBERT front end normalises
+    over the whole time axis (group norm), so zero padding would change every frame's code,
+    not just the last ones. Corpora of fixed-length clips (the common case) batch fully.
 
     Args:
         path: local directory of a ``save_pretrained`` X-Codec checkpoint.
@@ -103,13 +104,17 @@ class XCodec(Codec):
 
     @torch.inference_mode()
     def encode(self, clips: Sequence[np.ndarray]) -> list[np.ndarray]:
-        longest = max(c.shape[0] for c in clips)
-        batch = torch.zeros(len(clips), 1, longest)
+        out: list[Optional[np.ndarray]] = [None] * len(clips)
+        by_length: dict[int, list[int]] = {}
         for i, c in enumerate(clips):
-            batch[i, 0, : c.shape[0]] = torch.from_numpy(c)
-        codes = self.model.encode(batch.to(self.device), bandwidth=self._bandwidth, return_dict=False)
-        codes = codes[:, : self.num_codebooks].cpu().numpy()  # [B, K, T_max]
-        return [codes[i, :, : self.num_frames(c.shape[0])].astype(np.int64) for i, c in enumerate(clips)]
+            by_length.setdefault(int(c.shape[0]), []).append(i)
+        for length, ids in by_length.items():
+            batch = torch.from_numpy(np.stack([clips[i] for i in ids]))[:, None, :]  # [B, 1, n]
+            codes = self.model.encode(batch.to(self.device), bandwidth=self._bandwidth, return_dict=False)
+            codes = codes[:, : self.num_codebooks].cpu().numpy().astype(np.int64)  # [B, K, T]
+            for i, c in zip(ids, codes):
+                out[i] = c
+        return out
 
     def identity(self) -> dict:
         return {**super().identity(), "path": self.path, "sha256": self._sha}

@@ -242,7 +242,7 @@ class GenerationConverter(Converter):
         out = super().convert_batch(records)
         pending = [i for i, (_, segs) in enumerate(out) if not isinstance(segs, RecordError)
                    and segs[-1].data.dtype == np.float32]
-        pending.sort(key=lambda i: out[i][1][-1].data.shape[0])
+        pending.sort(key=lambda i: out[i][1][-1].data.shape[0])  # equal lengths end up in one call
         for b in range(0, len(pending), self.codec_batch_size):
             chunk = pending[b:b + self.codec_batch_size]
             codes = self.codec.encode([out[i][1][-1].data for i in chunk])

@@ -276,7 +276,11 @@ class ShardReader:
         return len(self.document_indices) - 1
 
     def document(self, d: int) -> list[Segment]:
-        """The messages of record ``d``."""
+        """The messages of record ``d``.
+
+        The arrays are copies: ``IndexedDataset`` closes its mmap when collected, and a view
+        that outlived the reader would read unmapped memory.
+        """
         s0, s1 = int(self.document_indices[d]), int(self.document_indices[d + 1])
         parts = {name: ds[s0:s1] for name, ds in self.streams.items()}
         texts, modes = parts["text"]
@@ -291,7 +295,7 @@ class ShardReader:
                 data = parts["audio"][j]
                 if self.meta["audio_in_storage"] == "mel":
                     data = data.reshape(self.n_mels, -1)
-            segments.append(Segment(role, kind, data, condition))
+            segments.append(Segment(role, kind, np.array(data), condition))
         return segments
 
     def document_lengths(self) -> np.ndarray:

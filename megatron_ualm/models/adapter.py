@@ -13,7 +13,9 @@ from megatron.core.transformer.mlp import MLPSubmodules
 from megatron_ualm.config import UALMConfig
 
 
-def build_adapter(config: UALMConfig, encoder_hidden_size: int, stack_factor: int) -> AudioProjection:
+def build_adapter(
+    config: UALMConfig, encoder_hidden_size: int, stack_factor: int, tp_group=None
+) -> AudioProjection:
     """Megatron-Core's ``AudioProjection`` (frame stacking + 2-layer GELU MLP), tensor-parallel.
 
     Args:
@@ -39,4 +41,5 @@ def build_adapter(config: UALMConfig, encoder_hidden_size: int, stack_factor: in
         projector_type="mlp",
         input_size=encoder_hidden_size,
         stack_factor=stack_factor,
+        tp_group=tp_group,
     )

@@ -69,6 +69,7 @@ class UALMModel(LanguageModule):
                     config,
                     self.audio_encoder.hidden_size,
                     stack_factor=self.audio_encoder.frame_rate // config.audio_in_frame_rate,
+                    tp_group=self.tp_group,
                 )
 
         self.rotary_pos_emb = RotaryEmbedding(
