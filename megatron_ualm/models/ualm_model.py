@@ -135,10 +135,14 @@ class UALMModel(LanguageModule):
         valid = torch.arange(frames, device=projected.device)[None, :] < lengths.to(projected.device)[:, None]
         return projected[valid]  # [sum(lengths), h]
 
-    def _rotary(self, decoder_input, position_ids, packed_seq_params) -> torch.Tensor:
-        """RoPE table: ``[s, 1, 1, d]``, or ``[s, b, 1, d]`` for per-sample position ids."""
+    def _rotary(self, decoder_input, position_ids, packed_seq_params, inference_context) -> torch.Tensor:
+        """RoPE table: ``[s, 1, 1, d]``, or ``[s, b, 1, d]`` for per-sample position ids.
+
+        With a KV-cache inference context the table covers the context's maximum length and
+        the attention layers pick the rows of the current offset.
+        """
         seq_len = self.rotary_pos_emb.get_rotary_seq_len(
-            None, self.decoder, decoder_input, self.config, packed_seq_params
+            inference_context, self.decoder, decoder_input, self.config, packed_seq_params
         )
         if position_ids is None:
             return self.rotary_pos_emb(seq_len)
@@ -158,6 +162,7 @@ class UALMModel(LanguageModule):
         packed_seq_params: Optional[PackedSeqParams] = None,
         decoder_input: Optional[torch.Tensor] = None,
         gather_output: bool = False,
+        inference_context=None,
     ):
         """Runs this pipeline stage.
 
@@ -174,6 +179,8 @@ class UALMModel(LanguageModule):
             packed_seq_params: TE packed-sequence (THD) parameters.
             decoder_input: precomputed ``[s, b, h]`` embeddings (skips the embedding).
             gather_output: gather the vocab-parallel logits over TP (inference).
+            inference_context: Megatron ``BaseInferenceContext`` holding the KV cache for
+                incremental decoding (``megatron.core.inference``); None for training.
 
         Returns:
             Not the last stage: hidden states ``[s, b, h]``. Last stage with labels:
@@ -187,12 +194,13 @@ class UALMModel(LanguageModule):
                 audio_embeds = self.encode_audio(audio_in_features, audio_in_lengths)
             decoder_input = self.embedding(input_ids, codes, audio_embeds)  # [s(/tp), b, h]
 
-        rotary_pos_emb = self._rotary(decoder_input, position_ids, packed_seq_params)
+        rotary_pos_emb = self._rotary(decoder_input, position_ids, packed_seq_params, inference_context)
         hidden = self.decoder(
             hidden_states=decoder_input,
             attention_mask=attention_mask,
             rotary_pos_emb=rotary_pos_emb,
             packed_seq_params=packed_seq_params,
+            inference_context=inference_context,
         )
         if not self.post_process:
             return hidden
