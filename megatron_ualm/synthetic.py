@@ -7,7 +7,7 @@ codes out). Deterministic for a seed.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -30,7 +30,8 @@ def _window_geometry(config: UALMConfig) -> tuple[int, int, int]:
 
 
 def mixed_samples(config: UALMConfig, seq_length: int, generator: torch.Generator) -> tuple[list[UALMSample], list[int]]:
-    """A text, an understanding and a generation sample, each fitting ``seq_length + 1``.
+    """A text, an understanding and a generation sample (FAMILIES order), each fitting
+    ``seq_length + 1``.
 
     Returns:
         The samples and the 25 Hz frame counts of their audio-in messages.
@@ -64,19 +65,33 @@ def mixed_samples(config: UALMConfig, seq_length: int, generator: torch.Generato
     return samples, audio_in
 
 
-def mixed_batch(config: UALMConfig, seq_length: int, seed: int = 0, batch_size: Optional[int] = None) -> UALMBatch:
-    """A batch of the three families (repeated to ``batch_size`` samples, default 3).
+FAMILIES = ("text", "understanding", "generation")
+
+
+def mixed_batch(
+    config: UALMConfig,
+    seq_length: int,
+    seed: int = 0,
+    batch_size: Optional[int] = None,
+    families: Sequence[str] = FAMILIES,
+) -> UALMBatch:
+    """A batch of the given families (repeated in order to ``batch_size`` samples).
 
     Args:
         config: model config (vocabulary, codebooks, encoder geometry).
         seq_length: s.
         seed: RNG seed.
-        batch_size: samples; families repeat in order.
+        batch_size: samples (default: one per family).
+        families: which of ``FAMILIES`` to draw from, in order.
     """
     generator = torch.Generator().manual_seed(seed)
-    samples, frames = mixed_samples(config, seq_length, generator)
-    batch_size = batch_size or len(samples)
-    picked = [samples[i % len(samples)] for i in range(batch_size)]
+    samples, _ = mixed_samples(config, seq_length, generator)
+    by_family = dict(zip(FAMILIES, samples))
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown families {sorted(unknown)}; choose from {FAMILIES}")
+    batch_size = batch_size or len(families)
+    picked = [by_family[families[i % len(families)]] for i in range(batch_size)]
     n_windows = sum(len(s.audio_in_frames) for s in picked)
     features = None
     if n_windows:
