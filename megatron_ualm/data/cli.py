@@ -1,4 +1,8 @@
-"""Command lines of the data tools (``tools/*.py`` call these ``main`` functions)."""
+"""Command lines of the data tools (``tools/*.py`` call these ``main`` functions).
+
+Heavy modules (torch, Megatron-Core, transformers) are imported after argument parsing, so
+``--help`` and argument errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,6 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from megatron_ualm.data.audio import AudioInConfig
-from megatron_ualm.data.preprocess import Job, StrictStop, run
-from megatron_ualm.data.records import GenerationConverter, TextConverter, UnderstandingConverter
 
 _EPILOG = """
 Output: <output>/<name>-00000/, -00001/, ... each a shard directory (shard.json sidecar,
@@ -41,6 +42,8 @@ def _audio_root(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args, family: str, converter: tuple) -> int:
+    from megatron_ualm.data.preprocess import Job, StrictStop, run
+
     job = Job(converter=converter, inputs=args.input, output=args.output, name=args.name or family,
               records_per_shard=args.records_per_shard, workers=args.workers, strict=args.strict,
               progress=not args.no_progress)
@@ -67,6 +70,8 @@ def preprocess_text_main(argv: Optional[Sequence[str]] = None) -> int:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(parser, 10000)
     args = parser.parse_args(argv)
+    from megatron_ualm.data.records import TextConverter
+
     return _run(args, "text", (TextConverter, dict(tokenizer=args.tokenizer)))
 
 
@@ -95,6 +100,8 @@ def preprocess_generation_main(argv: Optional[Sequence[str]] = None) -> int:
                         help="plan: the rich caption is an assistant text plan before the audio (default); "
                              "condition: it replaces the caption as the user's condition")
     args = parser.parse_args(argv)
+    from megatron_ualm.data.records import GenerationConverter
+
     if args.codec == "precomputed":
         missing = [f"--{n.replace('_', '-')}" for n in ("num_codebooks", "codebook_size", "frame_rate")
                    if getattr(args, n) is None]
@@ -131,6 +138,9 @@ def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--window-seconds", type=int, default=30,
                         help="encoder window in seconds (default 30; debug flavor 2)")
     args = parser.parse_args(argv)
+    from megatron_ualm.data.audio import AudioInConfig
+    from megatron_ualm.data.records import UnderstandingConverter
+
     converter = (UnderstandingConverter, dict(tokenizer=args.tokenizer, storage=args.audio_in_storage,
                                               audio_in=AudioInConfig(args.n_mels, args.window_seconds),
                                               audio_root=_root(args)))
@@ -139,8 +149,6 @@ def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def build_blend_main(argv: Optional[Sequence[str]] = None) -> int:
     """Writes the pretraining blend from shard sidecars and prints the mixture table."""
-    from megatron_ualm.data.blend import find_shards, format_table, plan_blend
-
     parser = argparse.ArgumentParser(
         prog="build_blend",
         description="Build the UALM pretraining blend from shard sidecars. Each shard's weight is its "
@@ -162,6 +170,8 @@ def build_blend_main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--upsample {item!r}: expected FAMILY=FACTOR, e.g. generation=2")
         if fam not in ("understanding", "generation", "text") or factors[fam] <= 0:
             parser.error(f"--upsample {item!r}: family must be understanding, generation or text, factor > 0")
+    from megatron_ualm.data.blend import find_shards, format_table, plan_blend
+
     try:
         plan = plan_blend(find_shards(args.shards), factors)
     except ValueError as err:
@@ -181,11 +191,6 @@ def build_blend_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def inspect_shards_main(argv: Optional[Sequence[str]] = None) -> int:
     """Prints samples and statistics of shards, and validates them."""
-    from megatron_ualm.data.inspect import describe_record, shard_stats, validate_shard
-    from megatron_ualm.data.blend import find_shards
-    from megatron_ualm.data.shards import ShardReader
-    from megatron_ualm.data.tokenizer import TextTokenizer
-
     parser = argparse.ArgumentParser(
         prog="inspect_shards",
         description="Inspect UALM shards: print records as readable interleaved text/audio "
@@ -198,6 +203,11 @@ def inspect_shards_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tokenizer", help="decode text with this tokenizer (default: the one in the sidecar, if present)")
     parser.add_argument("--no-validate", action="store_true", help="skip validation")
     args = parser.parse_args(argv)
+    from megatron_ualm.data.blend import find_shards
+    from megatron_ualm.data.inspect import describe_record, shard_stats, validate_shard
+    from megatron_ualm.data.shards import ShardReader
+    from megatron_ualm.data.tokenizer import TextTokenizer
+
     failed = 0
     tokenizers: dict = {}
     for path in find_shards(args.shards):

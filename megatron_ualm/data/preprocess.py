@@ -82,6 +82,12 @@ _WORKER: dict = {}
 
 
 def _init_worker(converter: tuple, counter) -> None:
+    if counter is not None:
+        import torch
+
+        # One thread per worker process (workers = cores). It also keeps a forked child out of
+        # the OpenMP pool its parent used, which GNU OpenMP cannot carry across fork().
+        torch.set_num_threads(1)
     cls, kwargs = converter
     _WORKER["converter"] = cls(**kwargs)
     _WORKER["counter"] = counter
@@ -210,7 +216,10 @@ def run(job: Job) -> dict:
             account(write_shard(path, records, first, run_fields, job.strict, bar.update))
             summary["shards_written"] += 1
     else:
-        ctx = multiprocessing.get_context("spawn")
+        import torch
+
+        # fork starts workers at once; a parent that touched CUDA (a GPU codec) must spawn.
+        ctx = multiprocessing.get_context("spawn" if torch.cuda.is_initialized() else "fork")
         counter = ctx.Value("q", 0)
         base = bar.n
         with ctx.Pool(job.workers, initializer=_init_worker, initargs=(job.converter, counter)) as pool:
