@@ -11,6 +11,7 @@ Example (one process, CPU or GPU)::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import socket
@@ -20,6 +21,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.utils import get_attr_wrapped_model
 
@@ -113,23 +115,54 @@ def build_model(
     return model
 
 
-def model_inputs(batch: UALMBatch) -> dict:
+def is_packed(batch: UALMBatch) -> bool:
+    """True when some row of the batch holds several documents."""
+    return batch.cu_seqlens is not None and batch.cu_seqlens.numel() - 1 > batch.tokens.shape[0]
+
+
+def as_one_row(batch: UALMBatch) -> UALMBatch:
+    """The batch's rows laid end to end as one row ``[1, b * s]`` (for THD attention).
+
+    ``cu_seqlens`` already indexes the flattened rows; attention, RoPE and the losses are
+    per document or per position, so nothing else changes.
+    """
+    b, s = batch.tokens.shape
+    flat = lambda t: t.reshape(1, b * s)  # noqa: E731
+    flat_k = lambda t: t.transpose(0, 1).reshape(1, t.shape[1], b * s)  # noqa: E731  [b,K,s] -> [1,K,b*s]
+    return dataclasses.replace(
+        batch, tokens=flat(batch.tokens), codes=flat_k(batch.codes), position_ids=flat(batch.position_ids),
+        labels=flat(batch.labels), loss_mask=flat(batch.loss_mask), code_labels=flat_k(batch.code_labels),
+        code_loss_mask=flat_k(batch.code_loss_mask), attention_mask=None,
+    )
+
+
+def model_inputs(batch: UALMBatch, config: Optional[UALMConfig] = None) -> dict:
     """Keyword arguments of ``UALMModel.forward`` for a batch (labels included).
 
-    Position ids are passed only for packed batches (with an attention mask); plain batches
-    use the standard RoPE table.
+    Packed rows attend within their documents: on the local spec through the block-diagonal
+    ``attention_mask`` and per-document ``position_ids``; on Transformer Engine through THD
+    ``packed_seq_params`` (``cu_seqlens``; the caller lays the rows end to end with
+    ``as_one_row`` first). Unpacked batches use the plain causal path.
     """
-    packed = batch.attention_mask is not None
-    return dict(
+    inputs = dict(
         input_ids=batch.tokens,
         codes=batch.codes,
-        position_ids=batch.position_ids if packed else None,
-        attention_mask=batch.attention_mask,
         audio_in_features=batch.audio_in_features,
         audio_in_lengths=batch.audio_in_lengths,
         labels=batch.labels,
         code_labels=batch.code_labels,
     )
+    if config is not None and config.transformer_impl == "transformer_engine" and batch.cu_seqlens is not None and batch.tokens.shape[0] == 1:
+        if batch.cu_seqlens.numel() > 2:
+            cu = batch.cu_seqlens.to(device=batch.tokens.device, dtype=torch.int32)
+            inputs["packed_seq_params"] = PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen,
+            )
+        return inputs
+    if batch.attention_mask is not None:
+        inputs.update(attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    return inputs
 
 
 def forward_step(data_iterator, model):
@@ -141,8 +174,10 @@ def forward_step(data_iterator, model):
     batch = next(data_iterator)
     config = get_attr_wrapped_model(model, "config")
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    if config.transformer_impl == "transformer_engine" and is_packed(batch):
+        batch = as_one_row(batch)
     batch = batch.to(device)
-    output = model(**model_inputs(batch))
+    output = model(**model_inputs(batch, config))
     return output, partial(ualm_loss, config, batch.loss_mask, batch.code_loss_mask)
 
 
@@ -179,6 +214,6 @@ def run_batch(model: UALMModel, batch: UALMBatch) -> BatchResult:
 
 def logits(model: UALMModel, batch: UALMBatch) -> Tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary logits ``(text [b, s, V], codes [b, K, s, card])`` of a batch."""
-    inputs = model_inputs(batch)
+    inputs = model_inputs(batch, model.config)
     inputs.update(labels=None, code_labels=None)
     return model(**inputs, gather_output=True)

@@ -14,19 +14,8 @@ import torch
 from megatron_ualm.config import UALMConfig
 from megatron_ualm.data.batch import UALMBatch, collate
 from megatron_ualm.data.sequence import Message, UALMSample, build_sample
-from megatron_ualm.models.encoder import FrozenAudioEncoder
+from megatron_ualm.models.encoder import window_geometry
 from megatron_ualm.vocab import UALMVocab
-
-
-def _window_geometry(config: UALMConfig) -> tuple[int, int, int]:
-    """(mel bins, mel frames per window, 25 Hz frames per window) of the config's encoder."""
-    enc = config.audio_encoder_config
-    from megatron_ualm.models.encoder import _encoder_classes
-
-    _, config_cls, rate = _encoder_classes(config.audio_encoder_type)
-    hf = config_cls(**enc)
-    window = 2 * hf.max_source_positions
-    return hf.num_mel_bins, window, window * config.audio_in_frame_rate // 100
 
 
 def mixed_samples(config: UALMConfig, seq_length: int, generator: torch.Generator) -> tuple[list[UALMSample], list[int]]:
@@ -48,7 +37,7 @@ def mixed_samples(config: UALMConfig, seq_length: int, generator: torch.Generato
     chat = [Message("user", "text", text=text(room // 3)), Message("assistant", "text", text=text(room - room // 3))]
     audio_in = []
     if config.audio_encoder_type is not None:
-        _, _, window_frames = _window_geometry(config)
+        _, _, window_frames = window_geometry(config)
         frames = min(window_frames, max(1, room // 2))
         audio_in = [frames]
         understanding = [
@@ -95,6 +84,6 @@ def mixed_batch(
     n_windows = sum(len(s.audio_in_frames) for s in picked)
     features = None
     if n_windows:
-        mels, window, _ = _window_geometry(config)
+        mels, window, _ = window_geometry(config)
         features = torch.randn(n_windows, mels, window, generator=generator)
     return collate(picked, seq_length, UALMVocab.from_config(config), audio_in_features=features)

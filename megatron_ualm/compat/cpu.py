@@ -75,6 +75,25 @@ def _to_on_cpu(to):
     return wrapper
 
 
+def _cuda_type_names(type_):
+    """Wraps ``Tensor.type`` so a CPU tensor reports (and converts to) CUDA type names.
+
+    The optimizer and ``clip_grads.py`` assert ``param.grad.type() == 'torch.cuda.FloatTensor'``.
+    """
+
+    def wrapper(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = type_(self)
+            if self.device.type == "cpu" and not name.startswith("torch.cuda."):
+                return name.replace("torch.", "torch.cuda.", 1)
+            return name
+        if isinstance(dtype, str) and dtype.startswith("torch.cuda."):
+            dtype = dtype.replace("torch.cuda.", "torch.", 1)
+        return type_(self, dtype, non_blocking, **kwargs)
+
+    return wrapper
+
+
 class _NoStream:
     """Stands in for ``torch.cuda.Stream`` / ``Event``: CPU work is already ordered."""
 
@@ -142,3 +161,44 @@ def apply() -> None:
         setattr(torch, name, _on_cpu(getattr(torch, name)))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.Tensor.to = _to_on_cpu(torch.Tensor.to)
+    torch.Tensor.type = _cuda_type_names(torch.Tensor.type)
+
+
+class _CudaPresent:
+    """``torch.cuda`` as ``megatron/training/initialize.py`` must see it on a CPU machine."""
+
+    is_available = staticmethod(lambda: True)
+    device_count = staticmethod(lambda: 1)
+    set_device = staticmethod(lambda *args, **kwargs: None)
+    empty_cache = staticmethod(lambda: None)
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _TorchWithCudaPresent:
+    """The ``torch`` module seen through ``_CudaPresent``; CUDA devices it names are the CPU."""
+
+    cuda = _CudaPresent()
+
+    @staticmethod
+    def device(*args, **kwargs):
+        return torch.device("cpu") if args and str(args[0]).startswith("cuda") else torch.device(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def apply_training() -> None:
+    """Also shims ``megatron.training`` (the Megatron-LM loop) for CPU; a no-op with CUDA.
+
+    ``initialize_megatron`` asserts CUDA, and its ``torch.cuda.device_count() > 0`` guards skip
+    creating the model-parallel groups and the model-parallel RNG seeds when there is no
+    GPU. The module alone sees a ``torch`` whose ``cuda`` reports one device.
+    """
+    apply()
+    if cuda_available():
+        return
+    from megatron.training import initialize
+
+    initialize.torch = _TorchWithCudaPresent()

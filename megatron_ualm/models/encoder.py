@@ -29,6 +29,21 @@ def _encoder_classes(kind: str):
     raise ValueError(f"unknown audio encoder type {kind!r}")
 
 
+def encoder_hf_config(config: UALMConfig):
+    """The ``transformers`` config of the model's encoder (from its path, else its fields)."""
+    _, config_cls, _ = _encoder_classes(config.audio_encoder_type)
+    if config.audio_encoder_path is not None:
+        return config_cls.from_pretrained(config.audio_encoder_path)
+    return config_cls(**config.audio_encoder_config)
+
+
+def window_geometry(config: UALMConfig) -> tuple[int, int, int]:
+    """(mel bins, mel frames per window, adapter frames per window) of the model's encoder."""
+    hf = encoder_hf_config(config)
+    window = 2 * hf.max_source_positions  # the conv stem halves the 100 Hz mel rate
+    return hf.num_mel_bins, window, window * config.audio_in_frame_rate // 100
+
+
 class FrozenAudioEncoder(torch.nn.Module):
     """A pretrained Whisper-style encoder, frozen and always in eval mode.
 

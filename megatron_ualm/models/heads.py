@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
@@ -39,12 +40,6 @@ class CodebookHeads(tensor_parallel.ColumnParallelLinear):
             r, c = self.tp_group.rank(), self.card_per_partition
             with torch.no_grad():
                 self.weight.copy_(master[:, r * c:(r + 1) * c].reshape_as(self.weight))
-        self._register_load_state_dict_pre_hook(self._from_logical_layout)
-
-    def _from_logical_layout(self, state_dict, prefix, *args, **kwargs):
-        key = f"{prefix}weight"
-        if key in state_dict and state_dict[key].dim() == 3:
-            state_dict[key] = state_dict[key].reshape(-1, state_dict[key].shape[-1])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[s(/tp), b, h] -> [s, b, K, card / tp]`` logits (this rank's vocab slice)."""
@@ -52,13 +47,29 @@ class CodebookHeads(tensor_parallel.ColumnParallelLinear):
         return logits.unflatten(-1, (self.num_codebooks, self.card_per_partition))
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """The weight as a logical ``[K, card, h]`` tensor sharded over TP on dim 1."""
+        """The weight as a logical ``[K, card, h]`` tensor sharded over TP on dim 1.
+
+        A ``ShardedTensorFactory`` whose data is the parameter itself, so the optimizer maps
+        its states onto it; the factory reshapes to and from the logical layout.
+        """
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         key = f"{prefix}weight"
-        return {
-            key: make_tp_sharded_tensor_for_checkpoint(
-                self.weight.view(self.num_codebooks, self.card_per_partition, -1), key,
-                tp_axis=1, prepend_offsets=sharded_offsets,
-                tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        K, c = self.num_codebooks, self.card_per_partition
+        tp_rank, tp_size = self.tp_group.rank(), self.tp_group.size()
+        n_pre = len(sharded_offsets)
+        replica_id = make_tp_sharded_tensor_for_checkpoint(
+            self.weight, key, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]
+        ).replica_id
+
+        def build(key, t, replica_id, flattened_range):
+            if flattened_range is not None:
+                raise ValueError("codebook_heads.weight does not support flattened optimizer shards")
+            return ShardedTensor.from_rank_offsets(
+                key, t.view(K, c, -1), *sharded_offsets, (n_pre + 1, tp_rank, tp_size),
+                replica_id=replica_id, prepend_axis_num=n_pre,
             )
-        }
+
+        def merge(loaded):
+            return loaded.reshape(K * c, -1)
+
+        return {key: ShardedTensorFactory(key, self.weight, build, merge, replica_id=replica_id)}

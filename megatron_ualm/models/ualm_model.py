@@ -145,7 +145,8 @@ class UALMModel(LanguageModule):
             inference_context, self.decoder, decoder_input, self.config, packed_seq_params
         )
         if position_ids is None:
-            return self.rotary_pos_emb(seq_len)
+            thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+            return self.rotary_pos_emb(seq_len, packed_seq=thd)
         table = self.rotary_pos_emb(self.config.max_sequence_length)  # [S, 1, 1, d]
         return table[:, 0][position_ids.transpose(0, 1)]  # [s, b, 1, d]
 

@@ -1,0 +1,100 @@
+"""Training data for the Megatron loop: blended token shards (or synthetic rows) -> UALMBatch.
+
+Megatron's own loader stacks items with the default collate, which cannot batch UALM rows
+(variable numbers of audio-in windows, packed documents); the loop therefore runs with
+``--dataloader-type external`` and this module builds the loaders itself, with Megatron's
+``MegatronPretrainingSampler`` so that a resumed run starts exactly after the consumed
+samples (no sample repeated or skipped).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_ualm.config import UALMConfig
+from megatron_ualm.data.audio import AudioInConfig
+from megatron_ualm.data.batch import UALMBatch, collate_packed
+from megatron_ualm.synthetic import FAMILIES, mixed_samples
+from megatron_ualm.vocab import UALMVocab
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Rows of generated text / understanding / generation samples, in UALMDataset's item format.
+
+    Item ``i`` is a function of (seed, i) only. Used for smoke runs and throughput benchmarks
+    where real shards are not at hand.
+
+    Args:
+        config: model config (vocabulary, codebooks, encoder window).
+        seq_length: s.
+        num_samples: rows.
+        seed: base seed.
+    """
+
+    def __init__(self, config: UALMConfig, seq_length: int, num_samples: int, seed: int = 0):
+        self.config, self.seq_length, self.num_samples, self.seed = config, seq_length, num_samples, seed
+        self.audio_in = AudioInConfig.from_model_config(config) if config.audio_encoder_type else None
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, idx: int) -> dict:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(idx))
+        samples, frames = mixed_samples(self.config, self.seq_length, generator)
+        family = int(idx) % len(FAMILIES)
+        sample = samples[family]
+        n = len(sample.audio_in_frames)
+        window = (self.audio_in.n_mels, self.audio_in.window_mel_frames) if self.audio_in else (0, 0)
+        return {
+            "dataset_id": family,
+            "tokens": sample.tokens,
+            "codes": sample.codes,
+            "text_target": sample.text_target,
+            "code_target": sample.code_target,
+            "doc_lengths": torch.tensor([len(sample)]),
+            "audio_in_features": torch.randn(n, *window, generator=generator),
+            "audio_in_lengths": torch.tensor(sample.audio_in_frames, dtype=torch.long),
+        }
+
+
+class FamilyCollate:
+    """``collate_packed`` plus the count of rows per data family (kept on the batch).
+
+    Args:
+        seq_length: s.
+        vocab: token-id layout.
+        families: family name of each blend dataset id.
+        attention_mask: build the block-diagonal mask (local spec); False for TE ``thd``.
+    """
+
+    def __init__(self, seq_length: int, vocab: UALMVocab, families: Sequence[str], attention_mask: bool = True):
+        self.seq_length, self.vocab, self.families, self.attention_mask = seq_length, vocab, list(families), attention_mask
+
+    def __call__(self, items: Sequence[dict]) -> UALMBatch:
+        batch = collate_packed(items, self.seq_length, self.vocab, attention_mask=self.attention_mask)
+        batch.family_counts = collections.Counter(self.families[int(it["dataset_id"])] for it in items)
+        return batch
+
+
+def build_loader(dataset, collate: FamilyCollate, micro_batch_size: int, consumed_samples: int,
+                 num_workers: int, seed: int) -> Optional[torch.utils.data.DataLoader]:
+    """A loader over ``dataset`` for this data-parallel rank, starting after ``consumed_samples``."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    from megatron.training.datasets.data_samplers import MegatronPretrainingSampler
+
+    sampler = MegatronPretrainingSampler(
+        len(dataset), consumed_samples, micro_batch_size,
+        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+    )
+    # Its own generator keeps the loader's base-seed draw off the global RNG, which on CPU is
+    # also the dropout RNG: an exact resume must not depend on when loaders were created.
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),
+    )

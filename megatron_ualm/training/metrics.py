@@ -1,0 +1,81 @@
+"""Per-iteration UALM metrics on top of Megatron's log line.
+
+Megatron's ``training_log`` already prints the loss dict (``lm loss``, ``text loss``,
+``codebook_{k} loss``), learning rate and grad norm, and its TFLOP/s uses the backbone-only
+formula. This module counts what the backbone formula cannot see (audio-in windows through
+the frozen encoder and the adapter, RVQ heads, rows per data family) and adds a line with
+tokens/s/GPU and UALM TFLOP/s/GPU, also to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+from megatron_ualm.config import UALMConfig
+from megatron_ualm.flops import step_flops
+from megatron_ualm.models.encoder import encoder_hf_config, window_geometry
+
+
+@dataclass
+class StepCounters:
+    """What the forward steps saw since the last log line."""
+
+    sequences: int = 0
+    encoder_windows: int = 0
+    families: collections.Counter = field(default_factory=collections.Counter)
+    total_families: collections.Counter = field(default_factory=collections.Counter)
+
+    def record(self, batch) -> None:
+        """Counts one micro-batch (called by the forward step, before the device copy)."""
+        self.sequences += batch.tokens.shape[0]
+        if batch.audio_in_lengths is not None:
+            self.encoder_windows += int(batch.audio_in_lengths.numel())
+        counts = getattr(batch, "family_counts", None)
+        if counts:
+            self.families.update(counts)
+            self.total_families.update(counts)
+
+    def reset(self) -> None:
+        self.sequences, self.encoder_windows = 0, 0
+        self.families = collections.Counter()
+
+
+class UALMThroughput:
+    """Turns counters and wall time into tokens/s/GPU and model TFLOP/s/GPU.
+
+    Args:
+        config: model config.
+        seq_length: s.
+        world_size: GPUs (ranks) in the job.
+        data_parallel_size: DP size (each DP rank reads its own micro-batches).
+    """
+
+    def __init__(self, config: UALMConfig, seq_length: int, world_size: int, data_parallel_size: int):
+        self.config, self.seq_length = config, seq_length
+        self.world_size, self.dp = world_size, data_parallel_size
+        # Geometry from the config alone: the rank that logs (last stage) has no encoder.
+        self.encoder_config = encoder_hf_config(config) if config.audio_encoder_type else None
+        self.frames_per_window = window_geometry(config)[2] if config.audio_encoder_type else 0
+        self.counters = StepCounters()
+        self._last = time.perf_counter()
+
+    def report(self) -> dict:
+        """Metrics since the previous call; resets the counters."""
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        c = self.counters
+        # Counters are per DP rank (one rank's reader); the job saw dp times as much.
+        sequences = c.sequences * self.dp
+        windows = c.encoder_windows * self.dp
+        flops = step_flops(self.config, sequences, self.seq_length, adapter_frames=windows * self.frames_per_window,
+                           encoder_windows=windows, encoder_hf_config=self.encoder_config)
+        out = {
+            "tokens_per_sec_per_gpu": sequences * self.seq_length / max(seconds, 1e-9) / self.world_size,
+            "ualm_tflops_per_gpu": flops.total / max(seconds, 1e-9) / 1e12 / self.world_size,
+            "encoder_windows": windows,
+            **{f"samples_{fam}": n * self.dp for fam, n in sorted(c.families.items())},
+        }
+        c.reset()
+        return out
