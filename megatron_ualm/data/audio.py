@@ -105,6 +105,11 @@ def load_audio(
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
+def pcm_to_float(pcm: np.ndarray) -> np.ndarray:
+    """int16 samples -> float32 in [-1, 1] (the inverse of how shards store audio in)."""
+    return pcm.astype(np.float32) / 32767.0
+
+
 @dataclass(frozen=True)
 class AudioInConfig:
     """Shape of the frozen encoder's input windows.

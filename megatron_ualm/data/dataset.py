@@ -32,7 +32,7 @@ from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 
 from megatron_ualm.data.audio import (AudioInConfig, LogMel, MEL_PER_AUDIO_IN_FRAME, SAMPLES_PER_AUDIO_IN_FRAME,
-                                      pad_mel_windows)
+                                      pad_mel_windows, pcm_to_float)
 from megatron_ualm.data.sequence import Message, build_sample
 from megatron_ualm.data.shards import Segment, ShardReader, document_length
 from megatron_ualm.vocab import UALMVocab
@@ -247,7 +247,7 @@ class UALMDataset(MegatronDataset):
                 if s.data.ndim == 1:
                     if self._log_mel is None:
                         self._log_mel = LogMel(a)
-                    valid = self._log_mel.valid_windows(s.data.astype(np.float32) / 32767.0)
+                    valid = self._log_mel.valid_windows(pcm_to_float(s.data))
                 else:
                     valid = [s.data[:, b:b + a.window_mel_frames] for b in range(0, s.data.shape[1], a.window_mel_frames)]
                 frames = [v.shape[1] // MEL_PER_AUDIO_IN_FRAME for v in valid]

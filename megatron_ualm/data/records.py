@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from megatron_ualm.data.codec import load_codec
-from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, AudioInConfig, LogMel, load_audio
+from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, AudioInConfig, LogMel, load_audio, pcm_to_float
 from megatron_ualm.data.errors import RecordError
 from megatron_ualm.data.shards import Segment
 from megatron_ualm.data.tokenizer import TextTokenizer
@@ -276,9 +276,11 @@ class UnderstandingConverter(Converter):
                                                  "window_seconds": self.audio_in.window_seconds}}
 
     def _audio_data(self, wave: np.ndarray) -> np.ndarray:
-        if self._log_mel is not None:
-            return np.concatenate(self._log_mel.valid_windows(wave), axis=1)  # [n_mels, m]
-        return (np.clip(wave, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+        pcm = (np.clip(wave, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+        if self._log_mel is None:
+            return pcm
+        # Features of the 16-bit audio, so pcm16 and mel shards of a clip train on equal inputs.
+        return np.concatenate(self._log_mel.valid_windows(pcm_to_float(pcm)), axis=1)  # [n_mels, m]
 
     def convert(self, rec: dict) -> list[Segment]:
         turns = parse_turns(rec)

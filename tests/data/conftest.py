@@ -163,5 +163,8 @@ def corpus(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
                                        "--codec-path", codec_dir, *common]) == 0
     assert preprocess_understanding_main(["--input", und, "--output", str(out / "und"), "--records-per-shard", "16",
                                           "--n-mels", "16", "--window-seconds", "2", *common]) == 0
+    assert preprocess_understanding_main(["--input", und, "--output", str(out / "und_mel"), "--records-per-shard", "16",
+                                          "--n-mels", "16", "--window-seconds", "2", "--audio-in-storage", "mel",
+                                          *common]) == 0
     return {"root": str(out), "text": str(out / "text"), "generation": str(out / "gen"),
-            "understanding": str(out / "und")}
+            "understanding": str(out / "und"), "understanding_mel": str(out / "und_mel")}

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, AudioInConfig, LogMel, load_audio
+from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, AudioInConfig, LogMel, load_audio, pcm_to_float
 from megatron_ualm.data.cli import (preprocess_generation_main, preprocess_text_main,
                                     preprocess_understanding_main)
 from megatron_ualm.data.codec import XCodec
@@ -137,7 +137,8 @@ def test_understanding_round_trip(tmp_path, tokenizer_path, audio_dir, storage):
     if storage == "pcm16":
         np.testing.assert_allclose(stored / 32767.0, wave, atol=1 / 32767)
     else:
-        valid = LogMel(AudioInConfig(16, 2)).valid_windows(wave)
+        pcm = (np.clip(wave, -1, 1) * 32767.0).round().astype(np.int16)
+        valid = LogMel(AudioInConfig(16, 2)).valid_windows(pcm_to_float(pcm))
         np.testing.assert_array_equal(stored, np.concatenate(valid, axis=1))
     assert got[1][0].units() == -(-wave.shape[0] // 640) == 63  # 2.5 s -> 62.5 -> 63 frames
 
