@@ -160,11 +160,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.training import pretrain
 
+    from megatron_ualm.training.checkpointing import make_tracker_writes_atomic
     from megatron_ualm.training.metrics import UALMThroughput
 
     args = parse_and_validate_args(extra_args_provider=add_ualm_args)
     cfg = pretrain_cfg_container_from_args(args)
     _install_ualm_logging()
+    make_tracker_writes_atomic()
 
     def throughput_factory():
         """The metrics need the parallel sizes, known only after Megatron's initialisation."""

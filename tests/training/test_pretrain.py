@@ -1,0 +1,115 @@
+"""The pretraining entry point on Megatron's loop, on CPU with gloo.
+
+One uninterrupted TP=1 run is the reference. Resuming it from its iteration-3 checkpoint
+reproduces iterations 4..6 exactly (same TP), or to float32 rounding at TP=2 and at PP=2
+(the checkpoint is resharded by dist_checkpointing); a run killed in the middle of writing
+a checkpoint resumes from the previous one.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(__file__)
+COMMON = [
+    "--flavor", "debug", "--synthetic-data", "--train-iters", "6", "--micro-batch-size", "2",
+    "--global-batch-size", "4", "--seq-length", "64", "--lr", "1e-3", "--log-interval", "1",
+    "--eval-iters", "0", "--save-interval", "3", "--seed", "1234",
+]
+
+
+def torchrun(nproc: int, *args: str, script=None, env=None, wait=True):
+    target = [script] if script else ["-m", "megatron_ualm.pretrain"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target, *args]
+    full_env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", **(env or {}))
+    if not wait:
+        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=full_env)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
+
+
+def losses(save_dir: str) -> dict:
+    rows = {}
+    with open(os.path.join(save_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            rows[row["iteration"]] = row
+    return rows
+
+
+def resume_dir(reference: str, target: str) -> str:
+    """A save directory holding only the reference's iteration-3 checkpoint."""
+    os.makedirs(target)
+    shutil.copytree(os.path.join(reference, "iter_0000003"), os.path.join(target, "iter_0000003"))
+    with open(os.path.join(target, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("3")
+    return target
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    save = str(tmp_path_factory.mktemp("reference") / "ckpt")
+    log = torchrun(1, *COMMON, "--save", save)
+    assert "lm loss" in log and "codebook_7 loss" in log and "[UALM]" in log
+    return save
+
+
+def test_reference_run_logs_ualm_metrics_and_saves(reference):
+    rows = losses(reference)
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    for row in rows.values():
+        assert row["tokens_per_sec_per_gpu"] > 0 and row["ualm_tflops_per_gpu"] > 0
+        assert sum(v for k, v in row.items() if k.startswith("samples_")) == 4  # global batch
+        assert {f"codebook_{k} loss" for k in range(8)} <= set(row)
+    with open(os.path.join(reference, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read().strip() == "6"
+
+
+def test_resume_same_tp_is_exact(reference, tmp_path):
+    save = resume_dir(reference, str(tmp_path / "ckpt"))
+    torchrun(1, *COMMON, "--save", save, "--load", save)
+    ref, got = losses(reference), losses(save)
+    assert sorted(got) == [4, 5, 6]
+    for it in (4, 5, 6):
+        assert got[it]["lm loss"] == ref[it]["lm loss"]
+        assert got[it]["codebook_3 loss"] == ref[it]["codebook_3 loss"]
+
+
+@pytest.mark.parametrize("parallel", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
+                         ids=["tp2", "pp2"])
+def test_resume_at_other_parallelism_matches(reference, tmp_path, parallel):
+    save = resume_dir(reference, str(tmp_path / "ckpt"))
+    torchrun(2, *COMMON, *parallel, "--save", save, "--load", save)
+    ref, got = losses(reference), losses(save)
+    assert sorted(got) == [4, 5, 6]
+    for it in (4, 5, 6):
+        assert got[it]["lm loss"] == pytest.approx(ref[it]["lm loss"], rel=1e-5)
+
+
+def test_sigkill_during_save_resumes_from_previous_checkpoint(reference, tmp_path):
+    save = str(tmp_path / "ckpt")
+    marker = str(tmp_path / "saving")
+    proc = torchrun(1, *COMMON, "--save", save, script=os.path.join(HERE, "kill_during_save.py"),
+                    env={"UALM_TEST_MARKER": marker}, wait=False)
+    deadline = time.time() + 600
+    while not os.path.exists(marker):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline, "the run never reached the iteration-6 save"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read().strip() == "3"
+    assert os.path.exists(os.path.join(save, "iter_0000006", "half_written.distcp"))
+    log = torchrun(1, *COMMON, "--save", save, "--load", save)
+    assert "iteration 3" in log.replace("iteration       3", "iteration 3") or "from iteration 3" in log
+    rows = losses(save)
+    assert rows[6]["lm loss"] == losses(reference)[6]["lm loss"]
