@@ -59,6 +59,18 @@ class SafetensorsReader:
                 raise ConversionError(f"missing file {os.path.join(directory, shard)} (listed in the index)")
         self._open: Dict[str, object] = {}
 
+    @classmethod
+    def from_file(cls, path: str) -> "SafetensorsReader":
+        """A reader over one ``.safetensors`` file with any name."""
+        if not os.path.isfile(path):
+            raise ConversionError(f"missing file {path}")
+        reader = cls.__new__(cls)
+        reader.directory = os.path.dirname(path)
+        with safe_open(path, framework="pt") as f:
+            reader.weight_map = {k: os.path.basename(path) for k in f.keys()}
+        reader._open = {}
+        return reader
+
     def keys(self) -> List[str]:
         return list(self.weight_map)
 

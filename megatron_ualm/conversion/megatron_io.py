@@ -156,7 +156,9 @@ class Slot:
 
 def _slot(item) -> Slot:
     if isinstance(item, ShardedTensorFactory):
-        pieces = [p for p in nested_values(item.build()) if isinstance(p, ShardedTensor)]
+        built = item.build()
+        built = [built] if isinstance(built, ShardedTensor) else nested_values(built)
+        pieces = [p for p in built if isinstance(p, ShardedTensor)]
     else:
         pieces = [item]
     keys = {p.key for p in pieces}

@@ -1,0 +1,164 @@
+"""UALM Megatron checkpoint -> Hugging Face directory, one unit at a time.
+
+Layout of the exported directory::
+
+    config.json, model*.safetensors[, model.safetensors.index.json]
+        the text part as a ``Qwen2ForCausalLM``: all ``vocab_size`` rows of the embedding and
+        the text head (text ids, then the 32 UALM special tokens, then padding), decoder, norm.
+    ualm_audio.safetensors
+        codebook_embeddings.weight          [K * card, h]  row k * card + c = code c of codebook k
+        codebook_heads.weight               [K, card, h]   logits of codebook k = hidden @ W[k].T
+        audio_adapter.projector.encoder.linear_fc1.weight / .bias   [f, d * stack], [f]
+        audio_adapter.projector.encoder.linear_fc2.weight / .bias   [h, f], [h]
+            (Megatron ``AudioProjection``: stack ``stack`` encoder frames, fc1, GELU, fc2)
+    audio_encoder/config.json, audio_encoder/model*.safetensors
+        the frozen encoder as a standalone ``transformers`` model (``Qwen2AudioEncoder``,
+        ``AudioFlamingo3Encoder`` or ``WhisperEncoder``); ``from_pretrained`` loads it and it
+        can serve as ``UALMConfig.audio_encoder_path``.
+    ualm_config.json
+        ``record``: flavor, every architecture field, codec identity, dtype; ``special_tokens``:
+        the special-token ids; ``layout``: this description. Its presence makes the importer
+        restore every tensor exactly.
+    tokenizer files, copied from ``--tokenizer`` when given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Dict, Optional
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from megatron_ualm.config import FLAVORS, make_config
+from megatron_ualm.conversion import configs, layout
+from megatron_ualm.conversion.hf_io import ConversionError, ShardedSafetensorsWriter, parse_size
+from megatron_ualm.conversion.importer import ENCODER_SUBDIR, UALM_AUDIO_FILE, UALM_CONFIG_FILE
+from megatron_ualm.conversion.megatron_io import (
+    checkpoint_dir,
+    load_common,
+    load_unit,
+    model_units,
+    quiet_megatron_logs,
+    structure_model,
+)
+from megatron_ualm.vocab import SPECIAL_TOKENS, UALMVocab
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "tokenizer.model", "generation_config.json", "chat_template.jinja",
+)
+
+LAYOUT = {
+    "codebook_embeddings.weight": "[K * card, h]; row k * card + c is code c of codebook k",
+    "codebook_heads.weight": "[K, card, h]; logits of codebook k = hidden @ W[k].T",
+    "audio_adapter.*": "Megatron AudioProjection MLP: stack encoder frames, linear_fc1, GELU, linear_fc2",
+    "audio_encoder/": "standalone transformers encoder directory (from_pretrained)",
+    "model*.safetensors": "Qwen2ForCausalLM, all vocab_size rows (text, 32 specials, padding)",
+}
+
+
+def _hf_names(unit_name: str, tensors: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
+    """Text-part tensors of one unit under their ``Qwen2ForCausalLM`` names."""
+    if unit_name.startswith("decoder.layers."):
+        i = int(unit_name.split(".")[2])
+        prefix = f"{unit_name}."
+        meg = {k[len(prefix):]: v for k, v in tensors.items()}
+        hf = layout.megatron_layer_to_hf(meg, config.num_attention_heads, config.num_query_groups)
+        return {f"model.layers.{i}.{k}": v for k, v in hf.items()}
+    names = {
+        "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+        "output_layer.weight": "lm_head.weight",
+        "decoder.final_layernorm.weight": "model.norm.weight",
+    }
+    return {names[k]: v for k, v in tensors.items() if k in names}
+
+
+def export_hf(
+    load: str,
+    output: str,
+    *,
+    tokenizer: Optional[str] = None,
+    dtype: Optional[str] = None,
+    flavor: Optional[str] = None,
+    overrides: Optional[Dict[str, Any]] = None,
+    max_shard_size: str = "5GB",
+    progress: bool = True,
+) -> str:
+    """Writes the HF directory of a UALM checkpoint (layout in the module docstring).
+
+    Args:
+        load: a ``--load`` / ``--save`` directory (tracker file) or one iteration directory.
+        output: directory to create.
+        tokenizer: directory whose tokenizer files are copied alongside.
+        dtype: output dtype (default: the checkpoint's).
+        flavor: the model's flavor, needed only for checkpoints without a ``ualm`` record
+            (written by a training run rather than by the importer).
+        overrides: ``UALMConfig`` fields of such a run that differ from the flavor.
+        max_shard_size: safetensors shard size (e.g. ``5GB``); memory stays near one shard.
+        progress: show a progress bar.
+
+    Returns:
+        ``output``.
+    """
+    ckpt = checkpoint_dir(load)
+    if os.path.isdir(output) and os.listdir(output):
+        raise ConversionError(f"output directory {output} is not empty; choose a new one")
+    common = load_common(ckpt)
+    record = common.get("ualm") if isinstance(common, dict) else None
+    if record is not None:
+        config = configs.config_from_record(record, **(overrides or {}))
+    elif flavor is not None:
+        if flavor not in FLAVORS:
+            raise ConversionError(f"unknown flavor {flavor!r}; choose one of {sorted(FLAVORS)}")
+        config = make_config(flavor, transformer_impl="local", **(overrides or {}))
+        record = configs.make_record(config, flavor, codec=None, source=os.path.abspath(ckpt))
+    else:
+        raise ConversionError(
+            f"{ckpt} has no 'ualm' record (it was not written by the importer): pass --flavor "
+            "(and --override for fields the training run changed)"
+        )
+    out_dtype = configs.DTYPES[dtype] if dtype else config.params_dtype
+    model = structure_model(config)
+    units = model_units(model)
+
+    os.makedirs(output, exist_ok=True)
+    text = ShardedSafetensorsWriter(output, parse_size(max_shard_size))
+    encoder = None
+    if config.audio_encoder_type is not None:
+        encoder = ShardedSafetensorsWriter(os.path.join(output, ENCODER_SUBDIR), parse_size(max_shard_size))
+    audio: Dict[str, torch.Tensor] = {}
+    with quiet_megatron_logs():
+        for name, unit in tqdm(units.items(), desc="export", unit="unit", disable=not progress):
+            tensors = load_unit(ckpt, unit.slots, dtype=out_dtype)
+            if name.startswith("audio_encoder"):
+                encoder.add_all((k[len("audio_encoder.model."):], v) for k, v in tensors.items())
+            elif name in ("embedding.codebook_embeddings", "codebook_heads", "audio_adapter"):
+                audio.update({k.removeprefix("embedding."): v.contiguous() for k, v in tensors.items()})
+            else:
+                text.add_all(_hf_names(name, tensors, config).items())
+    text.close()
+    with open(os.path.join(output, "config.json"), "w") as f:
+        json.dump(configs.qwen2_config_dict(config, out_dtype), f, indent=2)
+    save_file(audio, os.path.join(output, UALM_AUDIO_FILE), metadata={"format": "pt"})
+    if encoder is not None:
+        encoder.close()
+        enc_cfg = configs.encoder_config_dict(config)
+        enc_cfg["dtype"] = configs.dtype_name(out_dtype)
+        with open(os.path.join(output, ENCODER_SUBDIR, "config.json"), "w") as f:
+            json.dump(enc_cfg, f, indent=2)
+    record = dict(record, params_dtype=configs.dtype_name(out_dtype))
+    vocab = UALMVocab.from_config(config)
+    with open(os.path.join(output, UALM_CONFIG_FILE), "w") as f:
+        json.dump(dict(record=record, special_tokens={t: vocab.special(t) for t in SPECIAL_TOKENS}, layout=LAYOUT),
+                  f, indent=2)
+    if tokenizer is not None:
+        copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer, n))]
+        if not copied:
+            raise ConversionError(f"{tokenizer} holds none of the tokenizer files {list(TOKENIZER_FILES)}")
+        for n in copied:
+            shutil.copy2(os.path.join(tokenizer, n), os.path.join(output, n))
+    return output
