@@ -226,7 +226,8 @@ def inspect_shards_main(argv: Optional[Sequence[str]] = None) -> int:
             tokenizers[tok_path] = TextTokenizer(tok_path) if os.path.exists(tok_path) else None
         for d in range(args.start, min(len(reader), args.start + args.show)):
             print(f"-- record {d}")
-            print(describe_record(reader.document(d), tokenizers[tok_path]))
+            print(describe_record(reader.document(d), tokenizers[tok_path],
+                                  (reader.meta.get("codec") or {}).get("frame_rate")))
     if not args.no_validate:
         print("all shards valid" if not failed else f"{failed} shard(s) INVALID")
     return 1 if failed else 0
