@@ -163,6 +163,8 @@ def main(argv: Optional[list] = None) -> None:
 
     if args.mode in ("respond", "tta"):
         modality = "audio" if args.mode == "tta" else args.modality
+        if args.mode == "tta":  # audio only: end the reply with the audio message
+            params = dataclasses.replace(params, stop_at_eot=True)
         for start in range(0, len(records), args.batch_size):
             chunk = records[start:start + args.batch_size]
             conversations = []
