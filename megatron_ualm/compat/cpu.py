@@ -199,6 +199,11 @@ def apply_training() -> None:
     apply()
     if cuda_available():
         return
-    from megatron.training import initialize
+    from megatron.training import arguments, initialize
 
     initialize.torch = _TorchWithCudaPresent()
+    # validate_args probes the GPU's architecture when TP > 1 (to demand
+    # CUDA_DEVICE_MAX_CONNECTIONS=1 before Blackwell); answer as a Hopper-class device and
+    # satisfy that demand, which is meaningless without CUDA streams.
+    arguments.get_device_arch_version = lambda: 9
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
