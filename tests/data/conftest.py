@@ -1,12 +1,15 @@
 """Tiny real components for the data tests: a trained tokenizer, a random X-Codec, audio files.
 
-Everything is built here, offline, in well under a second each (session-scoped).
+Everything is built here, offline (session-scoped). Each artefact lives in a fixed directory
+of the session's temporary root and is built once: tests/tools registers these fixtures a
+second time, and both registrations then share the same files.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -18,6 +21,17 @@ from megatron_ualm.vocab import UALMVocab
 
 WORDS = ("dog bark rain wind engine car bird song piano guitar speech crowd water drip door slam "
          "siren bell clock tick laugh baby cry thunder storm train horn wave beach fire crackle").split()
+
+
+def once(tmp_path_factory, name: str, build) -> str:
+    """``build(directory)`` the first time ``name`` is asked for in this session."""
+    d = tmp_path_factory.getbasetemp() / name
+    if not (d / ".done").exists():
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        build(d)
+        (d / ".done").touch()
+    return str(d)
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
@@ -45,21 +59,19 @@ def tokenizer_path(tmp_path_factory, debug_config) -> str:
     trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["[UNK]"], show_progress=False)
     tok.train_from_iterator(sentences(500), trainer)
     assert tok.get_vocab_size() <= debug_config.text_vocab_size
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return str(path)
+    return os.path.join(once(tmp_path_factory, "tok", lambda d: tok.save(str(d / "tokenizer.json"))), "tokenizer.json")
 
 
 @pytest.fixture(scope="session")
 def sentencepiece_path(tmp_path_factory) -> str:
     import sentencepiece as spm
 
-    d = tmp_path_factory.mktemp("sp")
-    corpus = d / "corpus.txt"
-    corpus.write_text("\n".join(sentences(300)))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "sp"), vocab_size=60,
-                                   model_type="bpe", minloglevel=2)
-    return str(d / "sp.model")
+    def build(d):
+        (d / "corpus.txt").write_text("\n".join(sentences(300)))
+        spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "sp"), vocab_size=60,
+                                       model_type="bpe", minloglevel=2)
+
+    return os.path.join(once(tmp_path_factory, "sp", build), "sp.model")
 
 
 @pytest.fixture(scope="session")
@@ -77,13 +89,14 @@ def codec_dir(tmp_path_factory, debug_config) -> str:
                                            intermediate_size=32, conv_dim=(8,) * 7,
                                            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2).to_dict(),
     )
-    model = XcodecModel(cfg).eval()
-    with torch.no_grad():
-        for q in model.quantizer.quantizers:
-            q.codebook.embed.normal_()
-    path = tmp_path_factory.mktemp("codec") / "xcodec"
-    model.save_pretrained(str(path))
-    return str(path)
+    def build(d):
+        model = XcodecModel(cfg).eval()
+        with torch.no_grad():
+            for q in model.quantizer.quantizers:
+                q.codebook.embed.normal_()
+        model.save_pretrained(str(d))
+
+    return once(tmp_path_factory, "xcodec", build)
 
 
 def tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1, seed: int = 0) -> np.ndarray:
@@ -96,13 +109,16 @@ def tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1, seed
 @pytest.fixture(scope="session")
 def audio_dir(tmp_path_factory) -> str:
     """Synthesised clips: 16 kHz mono WAV, 44.1 kHz stereo FLAC, 22.05 kHz OGG, a corrupt file."""
-    d = tmp_path_factory.mktemp("audio")
-    for i in range(6):
-        sf.write(d / f"wav{i}.wav", tone(0.5 + 0.4 * i, 16000, 200 + 50 * i, seed=i), 16000)
-    sf.write(d / "stereo.flac", tone(2.5, 44100, 330, channels=2), 44100)
-    sf.write(d / "clip.ogg", tone(1.2, 22050, 550), 22050, format="OGG", subtype="VORBIS")
-    (d / "corrupt.wav").write_bytes(b"RIFF\x00\x01garbage that is not audio" * 10)
-    return str(d)
+    def build(d):
+        for i in range(6):
+            sf.write(d / f"wav{i}.wav", tone(0.5 + 0.4 * i, 16000, 200 + 50 * i, seed=i), 16000)
+        sf.write(d / "stereo.flac", tone(2.5, 44100, 330, channels=2), 44100)
+        sf.write(d / "clip.ogg", tone(1.2, 22050, 550), 22050, format="OGG", subtype="VORBIS")
+        (d / "corrupt.wav").write_bytes(b"RIFF\x00\x01garbage that is not audio" * 10)
+        write_jsonl(d / "gen.jsonl", generation_records(48))
+        write_jsonl(d / "und.jsonl", understanding_records(48))
+
+    return once(tmp_path_factory, "audio", build)
 
 
 def write_jsonl(path, records) -> str:
@@ -153,18 +169,19 @@ def corpus(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
     from megatron_ualm.data.cli import (preprocess_generation_main, preprocess_text_main,
                                         preprocess_understanding_main)
 
-    out = tmp_path_factory.mktemp("shards")
-    text = write_jsonl(out / "text.jsonl", text_records(400))
-    gen = write_jsonl(os.path.join(audio_dir, "gen.jsonl"), generation_records(48))
-    und = write_jsonl(os.path.join(audio_dir, "und.jsonl"), understanding_records(48))
-    common = ["--tokenizer", tokenizer_path, "--no-progress"]
-    assert preprocess_text_main(["--input", text, "--output", str(out / "text"), "--records-per-shard", "150", *common]) == 0
-    assert preprocess_generation_main(["--input", gen, "--output", str(out / "gen"), "--records-per-shard", "16",
-                                       "--codec-path", codec_dir, *common]) == 0
-    assert preprocess_understanding_main(["--input", und, "--output", str(out / "und"), "--records-per-shard", "16",
-                                          "--n-mels", "16", "--window-seconds", "2", *common]) == 0
-    assert preprocess_understanding_main(["--input", und, "--output", str(out / "und_mel"), "--records-per-shard", "16",
-                                          "--n-mels", "16", "--window-seconds", "2", "--audio-in-storage", "mel",
-                                          *common]) == 0
-    return {"root": str(out), "text": str(out / "text"), "generation": str(out / "gen"),
-            "understanding": str(out / "und"), "understanding_mel": str(out / "und_mel")}
+    def build(out):
+        text = write_jsonl(out / "text.jsonl", text_records(400))
+        gen, und = os.path.join(audio_dir, "gen.jsonl"), os.path.join(audio_dir, "und.jsonl")
+        common = ["--tokenizer", tokenizer_path, "--no-progress"]
+        audio_in = ["--n-mels", "16", "--window-seconds", "2", "--records-per-shard", "16", *common]
+        assert preprocess_text_main(["--input", text, "--output", str(out / "text"), "--records-per-shard", "150",
+                                     *common]) == 0
+        assert preprocess_generation_main(["--input", gen, "--output", str(out / "gen"), "--records-per-shard", "16",
+                                           "--codec-path", codec_dir, *common]) == 0
+        assert preprocess_understanding_main(["--input", und, "--output", str(out / "und"), *audio_in]) == 0
+        assert preprocess_understanding_main(["--input", und, "--output", str(out / "und_mel"),
+                                              "--audio-in-storage", "mel", *audio_in]) == 0
+
+    root = once(tmp_path_factory, "shards", build)
+    return {"root": root, "text": os.path.join(root, "text"), "generation": os.path.join(root, "gen"),
+            "understanding": os.path.join(root, "und"), "understanding_mel": os.path.join(root, "und_mel")}
