@@ -178,7 +178,7 @@ class _Source:
         if key.startswith("decoder.layers."):
             return None
         if self.parts is not None and not key.startswith("audio_encoder."):
-            return self.part(key, shape).to(dtype)
+            return self.part(key.removeprefix("embedding."), shape).to(dtype)
         if key == "embedding.codebook_embeddings.weight":
             return self.normal(key, shape, self.stats("embedding")[1], dtype)
         if key == "codebook_heads.weight":
