@@ -168,10 +168,10 @@ class Generator:
         return text[:, -1].float(), code[:, :, -1].float()  # [N, V], [N, K, card]
 
     @staticmethod
-    def _mask(valid: torch.Tensor, queries: int) -> Optional[torch.Tensor]:
+    def _mask(valid: torch.Tensor, queries: int, padded: bool = True) -> Optional[torch.Tensor]:
         """``[N, 1, q, sk]`` bool (True = masked): causal over the last ``q`` of ``sk`` keys,
         padding hidden; None when nothing is padded."""
-        if bool(valid.all()):
+        if not padded:
             return None
         sk = valid.shape[1]
         q_pos = torch.arange(sk - queries, sk, device=valid.device)[:, None]
@@ -230,6 +230,7 @@ class Generator:
             if p.audio_in_features is not None:
                 feats.append(p.audio_in_features)
                 lens.append(p.audio_in_lengths)
+        padded = any(len(p) < L for p in rows)  # generated columns are never padding
         features = torch.cat(feats).to(dev) if feats else None
         lengths = torch.cat(lens).to(dev) if lens else None
 
@@ -242,7 +243,7 @@ class Generator:
         context = StaticInferenceContext(N, total) if params.kv_cache else None
         pos = L  # next position to write
         text_logits, code_logits = self._forward(
-            tokens[:, :L], codes[:, :, :L], self._mask(valid[:, :L], L), features, lengths, context
+            tokens[:, :L], codes[:, :, :L], self._mask(valid[:, :L], L, padded), features, lengths, context
         )
         if context is not None:
             context.sequence_len_offset += L
@@ -274,28 +275,35 @@ class Generator:
                 if st.mode == AUDIO and st.step + 1 >= min_frames:
                     cont_mask[r] |= self._terminators
             ninf = float("-inf")
+            mode_list = [st.mode for st in state]
+            unused = torch.zeros(B, 1, dtype=torch.long, device=dev)
+            # Stream-0 choices only for the modes present (the full-vocabulary text sampling
+            # is the costly one); every rank skips the same ones.
             picks = torch.cat(
                 [
-                    sample(t_sel.masked_fill(~text_mask, ninf), params.text, generator)[:, None],
-                    sample(t_sel.masked_fill(~cont_mask, ninf), audio_params, generator)[:, None],
-                    sample(t_sel.masked_fill(~self._terminators, ninf), audio_params, generator)[:, None],
+                    sample(t_sel.masked_fill(~text_mask, ninf), params.text, generator)[:, None]
+                    if TEXT in mode_list else unused,
+                    sample(t_sel.masked_fill(~cont_mask, ninf), audio_params, generator)[:, None]
+                    if AUDIO in mode_list else unused,
+                    sample(t_sel.masked_fill(~self._terminators, ninf), audio_params, generator)[:, None]
+                    if AUDIO in mode_list else unused,
                     sample(c_sel.reshape(B * K, card), code_params, generator).view(B, K),
                 ],
                 dim=1,
             )  # [B, 3 + K]
             picks = self._broadcast(picks).tolist()
 
-            new_tok = torch.full((N,), v.pad, dtype=torch.long, device=dev)
-            new_codes = torch.full((N, K), v.code_empty, dtype=torch.long, device=dev)
+            col_tok, col_codes = [v.pad] * B, [[v.code_empty] * K for _ in range(B)]
             for r, st in enumerate(state):
                 if st.mode == DONE:
                     continue
                 tok, cells = self._advance(st, picks[r], params, max_frames)
-                new_tok[r] = tok
+                col_tok[r] = tok
                 if cells is not None:
-                    new_codes[r] = torch.tensor(cells, device=dev)
-            if cfg:
-                new_tok[B:], new_codes[B:] = new_tok[:B], new_codes[:B]
+                    col_codes[r] = cells
+            reps = 2 if cfg else 1
+            new_tok = torch.tensor(col_tok * reps, dtype=torch.long).to(dev, non_blocking=True)  # [N]
+            new_codes = torch.tensor(col_codes * reps, dtype=torch.long).to(dev, non_blocking=True)  # [N, K]
             tokens[:, pos] = new_tok
             codes[:, :, pos] = new_codes
             valid[:, pos] = True
@@ -305,12 +313,12 @@ class Generator:
             if context is not None:
                 text_logits, code_logits = self._forward(
                     tokens[:, pos - 1 : pos], codes[:, :, pos - 1 : pos],
-                    self._mask(valid[:, :pos], 1), None, None, context,
+                    self._mask(valid[:, :pos], 1, padded), None, None, context,
                 )
                 context.sequence_len_offset += 1
             else:
                 text_logits, code_logits = self._forward(
-                    tokens[:, :pos], codes[:, :, :pos], self._mask(valid[:, :pos], pos), features, lengths, None
+                    tokens[:, :pos], codes[:, :, :pos], self._mask(valid[:, :pos], pos, padded), features, lengths, None
                 )
 
         out = []
