@@ -7,7 +7,6 @@ initialised, so the exporter (and a reader) can rebuild the exact model without 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Dict, Optional, Tuple
 

@@ -107,9 +107,9 @@ def test_checkpoint_layout_and_record(imported):
 
 
 def _all_tensors(ckpt):
-    config = megatron_io.structure_model(_config_of(ckpt))
+    model = megatron_io.structure_model(_config_of(ckpt))
     out = {}
-    for unit in megatron_io.model_units(config).values():
+    for unit in megatron_io.model_units(model).values():
         out.update(megatron_io.load_unit(ckpt, unit.slots))
     return out
 
@@ -124,8 +124,7 @@ def test_initialisation_rule(hf_dirs, imported):
     from safetensors import safe_open
 
     tensors = _all_tensors(imported[1])
-    with safe_open(os.path.join(hf_dirs["llm"], "model.safetensors.index.json").replace(
-            "model.safetensors.index.json", _shard_of(hf_dirs["llm"], "model.embed_tokens.weight")), "pt") as f:
+    with safe_open(os.path.join(hf_dirs["llm"], _shard_of(hf_dirs["llm"], "model.embed_tokens.weight")), "pt") as f:
         hf_emb = f.get_tensor("model.embed_tokens.weight")
     emb = tensors["embedding.word_embeddings.weight"]
     assert torch.equal(emb[:TEXT_VOCAB], hf_emb[:TEXT_VOCAB])
