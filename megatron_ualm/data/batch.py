@@ -12,6 +12,7 @@ single document is plain causal attention and needs no mask.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -71,6 +72,12 @@ class UALMBatch:
         return int(self.audio_in_lengths.sum()) if self.audio_in_lengths is not None else 0
 
 
+@functools.lru_cache(maxsize=4)
+def _causal_mask(seq_length: int) -> torch.Tensor:
+    """``[s, s]`` bool, True above the diagonal (a future position); shared, never written."""
+    return torch.ones(seq_length, seq_length, dtype=torch.bool).triu(1)
+
+
 def _assemble(
     rows: Sequence[tuple[UALMSample, Sequence[int]]],
     seq_length: int,
@@ -91,8 +98,8 @@ def _assemble(
     text_target = torch.zeros(b, L, dtype=torch.bool)
     code_target = torch.zeros(b, K, L, dtype=torch.bool)
     position_ids = torch.empty(b, seq_length, dtype=torch.long)
-    segment_ids = torch.empty(b, seq_length, dtype=torch.long)
     starts: list[int] = []
+    blocks: list[tuple[int, int, int]] = []  # (row, first, end) of every document after a row's first
     for i, (sample, doc_lengths) in enumerate(rows):
         n = len(sample)
         if n > L:
@@ -109,14 +116,18 @@ def _assemble(
             end = seq_length if d == len(doc_lengths) - 1 else min(begin + length, seq_length)
             if end > begin:
                 position_ids[i, begin:end] = torch.arange(end - begin)
-                segment_ids[i, begin:end] = d
                 starts.append(i * seq_length + begin)
+                if begin:
+                    blocks.append((i, begin, end))
             begin += length
     cu_seqlens = torch.tensor(starts + [b * seq_length], dtype=torch.int32)
     mask = None
-    if attention_mask and any(len(d) > 1 for _, d in rows):
-        causal = torch.ones(seq_length, seq_length, dtype=torch.bool).triu(1)  # [s, s]
-        mask = (segment_ids[:, :, None] != segment_ids[:, None, :]) | causal  # [b, s, s]
+    if attention_mask and blocks:
+        # Causal, then each later document's rows also mask every column before it: block
+        # writes touch at most half the matrix, several times cheaper than comparing ids.
+        mask = _causal_mask(seq_length).expand(b, seq_length, seq_length).clone()  # [b, s, s]
+        for i, first, end in blocks:
+            mask[i, first:end, :first] = True
         mask = mask[:, None]  # [b, 1, s, s]
     return UALMBatch(
         tokens=tokens[:, :-1].contiguous(),
