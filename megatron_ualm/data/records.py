@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -107,7 +108,7 @@ def _audio_source(rec: dict, keys: Sequence[str], root: str) -> tuple[Any, str]:
     raise RecordError("is missing", keys[0])
 
 
-class Converter:
+class Converter(ABC):
     """Turns a batch of manifest records into stored messages.
 
     Subclasses set ``family``, ``codes`` (stores audio-out codes) and ``audio_storage``.
@@ -131,9 +132,9 @@ class Converter:
             raise RecordError("tokenises to no tokens", field)
         return Segment(role, "text", np.asarray(ids, dtype=np.int32), condition)
 
+    @abstractmethod
     def convert(self, rec: dict) -> list[Segment]:
         """Messages of one parsed record."""
-        raise NotImplementedError
 
     def convert_batch(self, records: list[tuple[str, Any]]) -> list[Converted]:
         """Converts ``(source, raw)`` records; bad ones come back as located ``RecordError``s."""
@@ -235,6 +236,9 @@ class GenerationConverter(Converter):
             raise RecordError("has no precomputed 'codes' and no --codec was given to encode 'audio'", "codes")
         source, field = _audio_source(rec, ("audio",), self.audio_root)
         wave = load_audio(source, self.codec.sample_rate, rec.get("start"), rec.get("end"), field)
+        if self.codec.num_frames(wave.shape[0]) < 1:
+            raise RecordError(f"clip of {wave.shape[0] / self.codec.sample_rate:.3f} s is too short for one codec frame",
+                              field)
         segments.append(Segment("assistant", "audio_out", wave))  # codes filled in by convert_batch
         return segments
 

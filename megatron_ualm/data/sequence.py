@@ -8,8 +8,11 @@ Content by kind:
 - text: the tokenizer's ids.
 - audio in (understanding): one ``<|audio_in|>`` placeholder per 25 Hz encoder frame; the
   model replaces their embeddings with the adapter's output.
-- audio out (generation): the delayed codes ``[K, T + K - 1]`` in streams 1..K, with
-  ``<|audio_out|>`` in stream 0 at every step.
+- audio out (generation): the delayed codes ``[K, T + K - 1]`` in streams 1..K; stream 0
+  holds ``<|audio_out|>`` at the T steps that start a frame and ``<|audio_flush|>`` at the
+  K - 1 steps after the last frame. The text head therefore says when the audio ends: at the
+  last frame step it predicts ``<|audio_flush|>`` (at that point codebook 0 stops), and after
+  the flush it predicts the terminator.
 
 Targets (what the loss trains) are the modality marker, content and terminator of messages
 with ``loss=True`` (by default: assistant messages). Codebook targets are the valid
@@ -134,7 +137,9 @@ def build_sample(messages: Sequence[Message], vocab: UALMVocab) -> UALMSample:
                     f"got range [{int(c.min())}, {int(c.max())}]"
                 )
             delayed = apply_delay(c[None], vocab.code_empty)[0]  # [K, T + K - 1]
-            emit(torch.full((delayed.shape[1],), vocab.audio_out), train, delayed)
+            steps = torch.full((delayed.shape[1],), vocab.audio_flush)
+            steps[: c.shape[1]] = vocab.audio_out
+            emit(steps, train, delayed)
         else:
             n = int(msg.audio_in_frames)
             if n <= 0:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Optional
@@ -192,7 +193,9 @@ class ShardWriter:
         """Counts a skipped record and writes its reason."""
         self.counts["rejected"] += 1
         self._rejected.write(json.dumps(err.to_json()) + "\n")
-        key = f"{err.field or 'record'}: {err.reason.split(':')[0][:80]}"
+        # Group reasons without their specifics (paths, numbers) so the summary stays short.
+        general = re.sub(r"-?\d+(\.\d+)?", "#", re.sub(r"\S*/\S*", "<path>", err.reason.split(":")[0]))
+        key = f"{err.field or 'record'}: {general[:80]}"
         self.reject_reasons[key] = self.reject_reasons.get(key, 0) + 1
 
     def commit(self) -> dict:

@@ -160,18 +160,23 @@ BAD = [
 
 
 def test_bad_records_are_skipped_with_reasons(tmp_path, tokenizer_path, codec_dir, audio_dir):
+    import soundfile as sf
+
+    sf.write(tmp_path / "tiny.wav", np.zeros(40, np.float32), 16000)  # 2.5 ms: no X-Codec frame
+    bad = BAD + [(json.dumps({"audio": str(tmp_path / "tiny.wav"), "caption": "x"}), "audio", "too short")]
     manifest = tmp_path / "bad.jsonl"
-    manifest.write_text("\n".join(line for line, _, _ in BAD) + "\n")
+    manifest.write_text("\n".join(line for line, _, _ in bad) + "\n")
     out = tmp_path / "o"
     assert preprocess_generation_main(["--input", str(manifest), "--output", str(out), "--codec-path", codec_dir,
                                        "--audio-root", audio_dir, *common(tokenizer_path)]) == 0
     rejected = [json.loads(l) for l in open(out / "generation.rejected.jsonl")]
-    expected = [(i + 1, field, text) for i, (_, field, text) in enumerate(BAD) if text is not None]
+    expected = [(i + 1, field, text) for i, (_, field, text) in enumerate(bad) if text is not None]
     assert len(rejected) == len(expected)
     for r, (line, field, text) in zip(rejected, expected):
         assert r["source"] == f"{manifest}:{line}" and r["field"] == field and text in r["reason"], r
     meta = json.load(open(os.path.join(shards(str(out))[0], "shard.json")))
     assert meta["counts"]["samples"] == 1 and meta["counts"]["rejected"] == len(expected)
+    assert meta["reject_reasons"]["audio: audio file <path> does not exist"] == 1
 
 
 def test_understanding_bad_records(tmp_path, tokenizer_path, audio_dir):
