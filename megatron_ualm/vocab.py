@@ -39,7 +39,8 @@ SPECIAL_TOKENS = (
     "<|text|>",       # modality marker: text content follows
     "<|audio|>",      # modality marker: audio content follows
     "<|audio_in|>",   # placeholder, one per 25 Hz encoder frame; replaced by adapter output
-    "<|audio_out|>",  # stream-0 token at each codec step of generated audio
+    "<|audio_out|>",  # stream-0 token at each delayed step that still starts a frame
+    "<|audio_flush|>",  # stream-0 token at the K - 1 steps after the last frame
 )
 assert len(SPECIAL_TOKENS) <= NUM_RESERVED_SPECIAL_TOKENS
 
@@ -116,6 +117,15 @@ class UALMVocab:
     @property
     def audio_out(self) -> int:
         return self.special("<|audio_out|>")
+
+    @property
+    def audio_flush(self) -> int:
+        return self.special("<|audio_flush|>")
+
+    @property
+    def audio_steps(self) -> tuple:
+        """Stream-0 ids of delayed audio steps (frame steps, then flush steps)."""
+        return (self.audio_out, self.audio_flush)
 
     @property
     def code_empty(self) -> int:

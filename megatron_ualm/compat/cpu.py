@@ -157,6 +157,10 @@ def apply() -> None:
     # Module attributes rather than a TorchFunctionMode: a mode is thread-local and is switched
     # off while it handles a call, so it would not reach the forward that activation
     # recomputation re-runs inside torch.autograd.backward.
+    # torch.utils._device caches the set of factory functions that `with torch.device(...)`
+    # (meta-device init in transformers' from_pretrained) intercepts; fill that cache with the
+    # real functions before wrapping them, or it never matches and buffers stay uninitialised.
+    torch.utils._device._device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _on_cpu(getattr(torch, name)))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self

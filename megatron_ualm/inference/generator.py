@@ -13,9 +13,10 @@ The decoding loop, per step (one position for every row of the batch):
      marker); ``<|audio|>`` opens an audio message;
    - *audio*, step ``s`` of the delayed layout: codebook k holds frame ``s - k``; cells
      outside ``0 <= s - k < T`` are forced empty. Stream 0 is ``<|audio_out|>`` until the
-     frame count T is fixed (by the length limit, or by the model choosing a terminator once
-     ``min_audio_seconds`` is reached); then ``K - 1`` flush steps complete the last frames and
-     the model picks the terminator (``<|eos|>`` ends the reply, ``<|eot|>`` continues it);
+     frame count T is fixed (by the length limit, or by the model predicting
+     ``<|audio_flush|>`` once ``min_audio_seconds`` is reached); then ``K - 1`` flush steps
+     (stream 0 ``<|audio_flush|>``) complete the last frames and the model picks the
+     terminator (``<|eos|>`` ends the reply, ``<|eot|>`` continues it);
 4. the column is fed to all rows (twins get their row's column).
 
 Prompts of different lengths are left-padded; an explicit attention mask hides the padding
@@ -147,12 +148,14 @@ class Generator:
         known = v.text_vocab_size + len(SPECIAL_TOKENS)
         self._text_allowed = torch.zeros(V, dtype=torch.bool, device=self.device)
         self._text_allowed[:known] = True
-        for name in ("<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|audio_in|>", "<|audio_out|>"):
+        for name in ("<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|audio_in|>", "<|audio_out|>", "<|audio_flush|>"):
             self._text_allowed[v.special(name)] = False
         self._terminators = torch.zeros(V, dtype=torch.bool, device=self.device)
         self._terminators[[v.eos, v.eot]] = True
         self._audio_continue = torch.zeros(V, dtype=torch.bool, device=self.device)
         self._audio_continue[v.audio_out] = True
+        self._audio_end = torch.zeros(V, dtype=torch.bool, device=self.device)
+        self._audio_end[v.audio_flush] = True
 
     # ------------------------------------------------------------------ model calls
     def _forward(self, tokens, codes, mask, features, lengths, context):
@@ -273,7 +276,7 @@ class Generator:
                 if st.audio_segments >= params.max_audio_segments:
                     text_mask[r, v.modality("audio")] = False
                 if st.mode == AUDIO and st.step + 1 >= min_frames:
-                    cont_mask[r] |= self._terminators
+                    cont_mask[r] |= self._audio_end
             ninf = float("-inf")
             mode_list = [st.mode for st in state]
             unused = torch.zeros(B, 1, dtype=torch.long, device=dev)
@@ -367,4 +370,4 @@ class Generator:
         end = st.frames if st.frames is not None else s + 1
         cells = [c if 0 <= s - k < end else v.code_empty for k, c in enumerate(codes)]
         st.step = s
-        return v.audio_out, cells
+        return (v.audio_out if st.frames is None or s < st.frames else v.audio_flush), cells

@@ -158,7 +158,7 @@ def parse_response(tokens: torch.Tensor, codes: torch.Tensor, vocab: UALMVocab, 
                 current = Segment("text", text=[t])
             continue
         if current.modality == "audio":
-            if t == vocab.audio_out:
+            if t in vocab.audio_steps:
                 audio_cols.append(j)
         elif t != vocab.pad:
             current.text.append(t)

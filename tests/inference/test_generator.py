@@ -154,7 +154,7 @@ def test_state_machine_switches_modality_and_flushes_the_delay(generator):
     assert st.mode == AUDIO
     for _ in range(3):
         cols.append(generator._advance(st, pick(), params, 50))
-    cols.append(generator._advance(st, pick(cont=v.eos), params, 50))  # the model ends the audio
+    cols.append(generator._advance(st, pick(cont=v.audio_flush), params, 50))  # the model ends the audio
     assert st.frames == 3
     while st.mode == AUDIO:
         cols.append(generator._advance(st, pick(), params, 50))

@@ -35,7 +35,7 @@ def test_sequence_layout_of_a_generation_sample():
     s = build_sample([Message("user", "text", text=[5, 6]), Message("assistant", "audio", codes=codes)], v)
     head = [v.bos, v.role("user"), v.modality("text"), 5, 6, v.eos, v.role("assistant"), v.modality("audio")]
     steps = 3 + 8 - 1
-    assert s.tokens.tolist() == head + [v.audio_out] * steps + [v.eos]
+    assert s.tokens.tolist() == head + [v.audio_out] * 3 + [v.audio_flush] * 7 + [v.eos]
     # Targets: the assistant's modality marker, every audio step, the terminator.
     assert s.text_target.tolist() == [False] * 7 + [True] * (1 + steps + 1)
     # Codebook k holds frame t at step 8 + t + k and nothing else.
