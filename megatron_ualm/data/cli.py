@@ -134,6 +134,8 @@ def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--audio-in-storage", choices=("pcm16", "mel"), default="pcm16",
                         help="pcm16: 16 kHz int16 samples (default; features computed while training); "
                              "mel: valid log-mel frames, float32 (more disk, no feature work while training)")
+    parser.add_argument("--flavor", help="take --n-mels and --window-seconds from this model flavor's encoder "
+                                          "(e.g. qwen2.5-7b, debug)")
     parser.add_argument("--n-mels", type=int, default=128, help="mel bins of the encoder (default 128; debug flavor 16)")
     parser.add_argument("--window-seconds", type=int, default=30,
                         help="encoder window in seconds (default 30; debug flavor 2)")
@@ -141,9 +143,14 @@ def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_ualm.data.audio import AudioInConfig
     from megatron_ualm.data.records import UnderstandingConverter
 
+    if args.flavor:
+        from megatron_ualm.config import make_config
+
+        audio_in = AudioInConfig.from_model_config(make_config(args.flavor))
+    else:
+        audio_in = AudioInConfig(args.n_mels, args.window_seconds)
     converter = (UnderstandingConverter, dict(tokenizer=args.tokenizer, storage=args.audio_in_storage,
-                                              audio_in=AudioInConfig(args.n_mels, args.window_seconds),
-                                              audio_root=_root(args)))
+                                              audio_in=audio_in, audio_root=_root(args)))
     return _run(args, "understanding", converter)
 
 

@@ -179,8 +179,8 @@ def corpus(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
         assert preprocess_generation_main(["--input", gen, "--output", str(out / "gen"), "--records-per-shard", "16",
                                            "--codec-path", codec_dir, *common]) == 0
         assert preprocess_understanding_main(["--input", und, "--output", str(out / "und"), *audio_in]) == 0
-        assert preprocess_understanding_main(["--input", und, "--output", str(out / "und_mel"),
-                                              "--audio-in-storage", "mel", *audio_in]) == 0
+        assert preprocess_understanding_main(["--input", und, "--output", str(out / "und_mel"), "--audio-in-storage",
+                                              "mel", "--flavor", "debug", "--records-per-shard", "16", *common]) == 0
 
     root = once(tmp_path_factory, "shards", build)
     return {"root": root, "text": os.path.join(root, "text"), "generation": os.path.join(root, "gen"),
