@@ -131,7 +131,7 @@ def _install_ualm_logging() -> None:
         if iteration % args.log_interval == 0:
             metrics = throughput.report()
             losses = {k: float(v) for k, v in loss_dict.items()}
-            line = " | ".join(f"{k}: {v:.1f}" if "per" in k else f"{k}: {v}" for k, v in metrics.items())
+            line = " | ".join(f"{k}: {v:.4g}" if "per" in k else f"{k}: {v}" for k, v in metrics.items())
             print_rank_last(f" [UALM] iteration {iteration:8d} | {line}")
             writer = get_tensorboard_writer()
             if writer is not None:
