@@ -1,0 +1,32 @@
+#!/bin/bash
+# One-shot GPU check for a lent H100/H200 (see benchmarks/RESULTS.md for what it produced).
+# Assumes Megatron-Core + Transformer Engine on PYTHONPATH (../shared/device/te_kit.sh install).
+# Writes every log under ${OUT:-/tmp/gpu_check}; each step has its own time limit so one
+# failure does not eat the budget of the others.
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+
+step() {  # step NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "exit $? for $name"; grep -E "UALM step|GPTModel|ratio|Error|error:" "$OUT/$name.log" | head -20
+}
+
+# Issue 2 target: UALM vs plain GPTModel step time at Qwen2.5-7B shapes (8 layers), seq 4096, TE.
+step model_step_bf16 150 python benchmarks/model_step.py --flavor qwen2.5-7b --num-layers 8 \
+  --seq-length 4096 --bf16 --steps 8 --warmup 3 --json "$OUT/model_step_bf16.json"
+step model_step_fp8 150 python benchmarks/model_step.py --flavor qwen2.5-7b --num-layers 8 \
+  --seq-length 4096 --bf16 --fp8 hybrid --steps 8 --warmup 3 --json "$OUT/model_step_fp8.json"
+
+# Issue 4: the entry point on one GPU, Qwen2.5-1.5B shapes, TE, BF16 then FP8.
+for prec in bf16 fp8; do
+  extra=""; [ "$prec" = fp8 ] && extra="--fp8-format hybrid --fp8-recipe delayed"
+  step "pretrain_1.5b_$prec" 170 torchrun --standalone --nproc-per-node 1 -m megatron_ualm.pretrain --flavor qwen2.5-1.5b --synthetic-data \
+    --bf16 $extra --seq-length 4096 --micro-batch-size 2 --global-batch-size 8 --train-iters ${ITERS:-40} \
+    --lr 1e-4 --log-interval 10 --eval-iters 0 --num-workers 2 --use-distributed-optimizer
+  grep -E " iteration +[0-9]+/|\[UALM\]|max allocated" "$OUT/pretrain_1.5b_$prec.log" | tail -4 | cut -c1-400
+done
