@@ -171,15 +171,25 @@ class LogMel:
 
         self.config = config
         self.device = device
-        self._extractor = WhisperFeatureExtractor(
+        extractor = WhisperFeatureExtractor(
             feature_size=config.n_mels,
             sampling_rate=AUDIO_IN_SAMPLE_RATE,
             hop_length=MEL_HOP,
             chunk_length=config.window_seconds,
         )
+        # Whisper's own filters and STFT settings; the maths follows its torch feature path.
+        self._n_fft = extractor.n_fft
+        self._filters = torch.from_numpy(extractor.mel_filters).float().T.contiguous().to(device)  # [n_mels, bins]
+        self._window = torch.hann_window(self._n_fft, device=device)
 
     def valid_windows(self, samples: np.ndarray) -> list[np.ndarray]:
         """The valid mel frames of each window of a 16 kHz clip.
+
+        Equal to Whisper's features of the zero-padded window on those frames, but computed
+        over the clip (plus the zeros its last frames see) instead of the whole padded window:
+        a 10 s clip in a 30 s window costs a third. Frames past the clip hold only zeros
+        (log10 floor -10), so the window's maximum, which sets the 8-unit clamp, is reached
+        within the frames computed here.
 
         Args:
             samples: float32 ``[n]``.
@@ -188,16 +198,21 @@ class LogMel:
             one float32 ``[n_mels, 4 * frames_w]`` array per window.
         """
         W = self.config.window_samples
-        windows = [samples[b:b + W] for b in range(0, samples.shape[0], W)]
-        feats = self._extractor(
-            windows,
-            sampling_rate=AUDIO_IN_SAMPLE_RATE,
-            padding="max_length",
-            return_tensors="np",
-            device=self.device,
-        )["input_features"]  # [n, n_mels, window_mel]
-        frames = self.config.frames_per_window(samples.shape[0])
-        return [np.ascontiguousarray(f[:, : n * MEL_PER_AUDIO_IN_FRAME]) for f, n in zip(feats, frames)]
+        out = []
+        for begin, frames in zip(range(0, samples.shape[0], W), self.config.frames_per_window(samples.shape[0])):
+            w = torch.from_numpy(np.ascontiguousarray(samples[begin:begin + W], dtype=np.float32))
+            m = frames * MEL_PER_AUDIO_IN_FRAME
+            if w.shape[0] < W:
+                # Zeros for every STFT frame that overlaps the clip; reflection then mirrors zeros.
+                padded = torch.zeros(min(W, m * MEL_HOP + 2 * self._n_fft))
+                padded[: w.shape[0]] = w
+                w = padded
+            stft = torch.stft(w.to(self.device), self._n_fft, MEL_HOP, window=self._window, return_complex=True)
+            power = stft[:, :-1].abs().square()  # [n_fft // 2 + 1, frames]
+            log_spec = (self._filters @ power).clamp(min=1e-10).log10()  # [n_mels, frames]
+            log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+            out.append(((log_spec[:, :m] + 4.0) / 4.0).cpu().numpy())
+        return out
 
     def pad_windows(self, valid: Sequence[np.ndarray]) -> torch.Tensor:
         """Full encoder windows from valid mel frames.

@@ -184,3 +184,22 @@ def test_mismatched_codec_is_rejected(corpus, vocab):
     other = UALMVocab(vocab.text_vocab_size, vocab.vocab_size, 4, 64)
     with pytest.raises(ValueError, match="K=8 x card=64"):
         make(first_shard(corpus["generation"]), other)
+
+
+@pytest.mark.parametrize("seconds", [0.01, 0.5, 1.3, 2.0, 3.7, 4.0])
+def test_log_mel_matches_whisper_on_valid_frames(seconds):
+    from transformers import WhisperFeatureExtractor
+
+    from megatron_ualm.data.audio import LogMel
+
+    rng = np.random.default_rng(int(seconds * 100))
+    wave = (0.2 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)
+    wave[-50:] *= 8  # a loud click at the very end: the clamp's maximum must still match
+    extractor = WhisperFeatureExtractor(feature_size=16, chunk_length=2)
+    config = AudioInConfig(16, 2)
+    valid = LogMel(config).valid_windows(wave)
+    assert [v.shape[1] // 4 for v in valid] == config.frames_per_window(wave.shape[0])
+    for i, v in enumerate(valid):
+        window = wave[i * 32000:(i + 1) * 32000]
+        ref = extractor(window, sampling_rate=16000, padding="max_length", return_tensors="np")["input_features"][0]
+        np.testing.assert_allclose(v, ref[:, : v.shape[1]], atol=2e-5)
