@@ -9,11 +9,14 @@ it is constructed as ``ClassName(path, device=..., num_codebooks=...)``.
 from __future__ import annotations
 
 import importlib
+import os
 from abc import ABC, abstractmethod
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from megatron_ualm.data.tokenizer import file_sha256
 
 
 class Codec(ABC):
@@ -68,9 +71,6 @@ class XCodec(Codec):
 
     def __init__(self, path: str, device: Optional[str] = None, num_codebooks: Optional[int] = None):
         from transformers import XcodecModel
-
-        from megatron_ualm.data.tokenizer import file_sha256
-        import os
 
         self.path = str(path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

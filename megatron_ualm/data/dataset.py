@@ -272,13 +272,17 @@ class UALMDataset(MegatronDataset):
             segments = drop_condition(segments, self.config.cfg_condition_dropout, rng)
             segments = fit_to_length(segments, self.capacity, self.vocab.num_codebooks)
             samples.append(build_sample(self._messages(segments, windows, lengths), self.vocab))
-        a = self.config.audio_in
+        if windows:
+            features = pad_mel_windows(windows, self.config.audio_in)  # [n, n_mels, window]
+        else:
+            a = self.config.audio_in or AudioInConfig()
+            features = torch.zeros(0, a.n_mels, a.window_mel_frames)
         return {
             "tokens": torch.cat([s.tokens for s in samples]),
             "codes": torch.cat([s.codes for s in samples], dim=1),
             "text_target": torch.cat([s.text_target for s in samples]),
             "code_target": torch.cat([s.code_target for s in samples], dim=1),
             "doc_lengths": torch.tensor([len(s) for s in samples], dtype=torch.long),
-            "audio_in_features": pad_mel_windows(windows, a) if windows else torch.zeros(0, *( (a.n_mels, a.window_mel_frames) if a else (0, 0))),
+            "audio_in_features": features,
             "audio_in_lengths": torch.tensor(lengths, dtype=torch.long),
         }

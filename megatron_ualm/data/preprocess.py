@@ -144,7 +144,10 @@ def run_key(job: Job, header: dict) -> str:
     """Hash of everything that decides shard contents: converter identity, inputs, sharding."""
     inputs = [(os.path.abspath(p), os.path.getsize(p)) for p in job.inputs]
     cls, kwargs = job.converter
-    payload = json.dumps([cls.__name__, header, inputs, job.records_per_shard], sort_keys=True, default=str)
+    # Settings that change contents (rich-caption mode, storage, ...) count; where the codec
+    # runs and how many clips share a call do not, so a run may resume on another device.
+    settings = {k: v for k, v in kwargs.items() if k not in ("codec", "codec_batch_size")}
+    payload = json.dumps([cls.__name__, header, settings, inputs, job.records_per_shard], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

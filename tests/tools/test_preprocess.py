@@ -206,16 +206,11 @@ def test_strict_stops_at_first_bad_record(tmp_path, tokenizer_path, capsys):
     assert shards(str(out)) == [] and not glob.glob(str(out / ".*partial"))
 
 
-def _text_tables(n):
-    rows = [{"text": f"dog {'rain ' * (i % 7)}bark {i}"} for i in range(n)]
-    return rows
-
-
 def test_parquet_and_worker_count_do_not_change_output(tmp_path, tokenizer_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = _text_tables(300)
+    rows = [{"text": f"dog {'rain ' * (i % 7)}bark {i}"} for i in range(300)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet", row_group_size=64)
     args = ["--input", str(tmp_path / "m.parquet"), "--records-per-shard", "70", *common(tokenizer_path)]
     assert preprocess_text_main([*args, "--output", str(tmp_path / "one"), "--workers", "1"]) == 0
