@@ -17,7 +17,7 @@ import pytest
 from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, AudioInConfig, LogMel, load_audio, pcm_to_float
 from megatron_ualm.data.cli import (preprocess_generation_main, preprocess_text_main,
                                     preprocess_understanding_main)
-from megatron_ualm.data.codec import XCodec
+from megatron_ualm.data.codec import Codec, XCodec
 from megatron_ualm.data.shards import ShardReader
 from megatron_ualm.data.tokenizer import TextTokenizer
 
@@ -268,3 +268,37 @@ def test_crash_mid_run_then_resume(tmp_path, tokenizer_path, codec_dir, audio_di
     for a, b in zip(shards(str(out)), shards(str(clean))):
         for f in ("text.bin", "text.idx", "codes.bin", "codes.idx"):
             assert filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False), (a, f)
+
+
+class FrameLevelCodec(Codec):
+    """A small transparent codec: per 20 ms frame, the RMS of K sub-blocks on a card-level scale."""
+
+    name = "frame-level"
+    sample_rate, frame_rate, num_codebooks, codebook_size = 16000, 50, 8, 64
+
+    def __init__(self, path, device=None, num_codebooks=None):
+        self.path = path
+
+    def num_frames(self, num_samples: int) -> int:
+        return num_samples // 320
+
+    def encode(self, clips):
+        out = []
+        for c in clips:
+            T = self.num_frames(c.shape[0])
+            rms = np.sqrt((c[: T * 320].reshape(T, 8, 40) ** 2).mean(-1))  # [T, K]
+            out.append(np.minimum(rms * 200, 63).astype(np.int64).T)  # [K, T]
+        return out
+
+
+def test_plug_in_codec_by_module_path(tmp_path, tokenizer_path, audio_dir):
+    manifest = tmp_path / "g.jsonl"
+    manifest.write_text(json.dumps({"audio": "wav4.wav", "caption": "a tone"}) + "\n")
+    assert preprocess_generation_main(["--input", str(manifest), "--output", str(tmp_path / "o"), "--audio-root",
+                                       audio_dir, "--codec", f"{__name__}:FrameLevelCodec", "--codec-path", "unused",
+                                       *common(tokenizer_path)]) == 0
+    (doc,) = records(str(tmp_path / "o"))
+    clip = load_audio(os.path.join(audio_dir, "wav4.wav"), 16000)
+    np.testing.assert_array_equal(doc[-1].data, FrameLevelCodec("unused").encode([clip])[0])
+    meta = json.load(open(os.path.join(shards(str(tmp_path / "o"))[0], "shard.json")))
+    assert meta["codec"]["name"] == "frame-level" and doc[-1].data.shape == (8, clip.shape[0] // 320)
