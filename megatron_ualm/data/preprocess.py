@@ -198,24 +198,26 @@ def run(job: Job) -> dict:
             reasons[reason] = reasons.get(reason, 0) + n
 
     bar = tqdm(desc=f"{job.name}", unit="rec", disable=not job.progress, smoothing=0.1, file=sys.stderr)
-    todo = []
-    for index, records in _chunks(job):
-        path = job.shard_path(index)
-        if os.path.isdir(path):
+
+    def missing_shards() -> Iterator[tuple[str, list, int]]:
+        """Shards still to write, streamed from the manifests (kept shards are accounted)."""
+        for index, records in _chunks(job):
+            path = job.shard_path(index)
+            if not os.path.isdir(path):
+                yield path, records, index * job.records_per_shard
+                continue
             meta = read_sidecar(path)
             if meta.get("run_key") != run_fields["run_key"]:
                 raise ValueError(
-                    f"{path} was written by a different run (other tokenizer, codec, inputs or "
-                    f"records per shard); write to a new --output or delete it"
+                    f"{path} was written by a different run (other tokenizer, codec, settings, inputs "
+                    f"or records per shard); write to a new --output or delete it"
                 )
             summary["shards_kept"] += 1
             account(meta)
             bar.update(len(records))
-            continue
-        todo.append((path, records, index * job.records_per_shard))
 
     if job.workers <= 1:
-        for path, records, first in todo:
+        for path, records, first in missing_shards():
             account(write_shard(path, records, first, run_fields, job.strict, bar.update))
             summary["shards_written"] += 1
     else:
@@ -224,22 +226,32 @@ def run(job: Job) -> dict:
         # fork starts workers at once; a parent that touched CUDA (a GPU codec) must spawn.
         ctx = multiprocessing.get_context("spawn" if torch.cuda.is_initialized() else "fork")
         counter = ctx.Value("q", 0)
-        base = bar.n
         with ctx.Pool(job.workers, initializer=_init_worker, initargs=(job.converter, counter)) as pool:
-            pending = [pool.apply_async(write_shard, (path, records, first, run_fields, job.strict))
-                       for path, records, first in todo]
-            try:
-                while pending:
+            pending: list = []
+            shown = 0
+
+            def collect(limit: int) -> None:
+                """Waits until at most ``limit`` shards are in flight, accounting finished ones."""
+                nonlocal shown
+                while len(pending) > limit:
                     time.sleep(0.2)
-                    bar.update(base + counter.value - bar.n)
+                    bar.update(counter.value - shown)
+                    shown = counter.value
                     for result in [r for r in pending if r.ready()]:
                         pending.remove(result)
                         account(result.get())
                         summary["shards_written"] += 1
+
+            try:
+                # Two shards per worker in flight bound the records held in memory.
+                for args in missing_shards():
+                    collect(2 * job.workers - 1)
+                    pending.append(pool.apply_async(write_shard, (*args, run_fields, job.strict)))
+                collect(0)
             except BaseException:
                 pool.terminate()
                 raise
-        bar.update(base + counter.value - bar.n)
+        bar.update(counter.value - shown)
     bar.close()
     summary["reasons"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
     _merge_rejected(job)
