@@ -34,8 +34,13 @@ _STATE: dict = {}
 
 
 def _cpu_argv() -> list[str]:
-    """Flags a CPU-only run needs (gloo, CPU init, no CUDA-only fusions)."""
+    """Flags a CPU-only run needs (gloo, CPU init, no CUDA-only fusions); on GPU, the fusions
+    whose extensions are missing are switched off instead of failing at the first step."""
     if torch.cuda.is_available():
+        try:
+            import fused_weight_gradient_mlp_cuda  # noqa: F401  (apex's wgrad accumulation kernel)
+        except ImportError:
+            return ["--no-gradient-accumulation-fusion"]
         return []
     return [
         "--distributed-backend", "gloo", "--use-cpu-initialization",

@@ -66,6 +66,7 @@ class FrozenAudioEncoder(torch.nn.Module):
             self.model = model_cls(config_cls(**config.audio_encoder_config))
         self.model.requires_grad_(False)
         self.model.eval()
+        self.model.to(config.params_dtype)  # transformers builds in float32; the adapter runs in params_dtype
         hf = self.model.config
         self.hidden_size = hf.d_model
         self.num_mel_bins = hf.num_mel_bins
