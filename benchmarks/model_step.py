@@ -23,6 +23,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron_ualm import api
 from megatron_ualm.config import make_config
 from megatron_ualm.flops import backbone_flops_per_token, step_flops
+from megatron_ualm.models.encoder import encoder_hf_config, window_geometry
 from megatron_ualm.models.specs import decoder_block_spec
 from megatron_ualm.synthetic import FAMILIES, mixed_batch
 
@@ -96,10 +97,9 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         seconds = time_steps(ualm_step, args.warmup, args.steps)
         windows = 0 if batch.audio_in_features is None else batch.audio_in_features.shape[0]
-        enc = getattr(model, "audio_encoder", None)
         flops = step_flops(config, args.micro_batch_size, args.seq_length,
-                           adapter_frames=windows * (enc.frames_per_window if enc else 0),
-                           encoder_windows=windows, encoder_hf_config=enc.model.config if enc else None)
+                           adapter_frames=windows * (window_geometry(config)[2] if windows else 0),
+                           encoder_windows=windows, encoder_hf_config=encoder_hf_config(config) if windows else None)
         tokens = args.micro_batch_size * args.seq_length
         results[family] = dict(ualm_step_s=seconds, ualm_tokens_per_s=tokens / seconds,
                                ualm_tflops=flops.total / seconds / 1e12, ualm_peak_gib=peak_memory_gib(),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 import torch.nn.functional as F
 from megatron.core.models.audio.audio_projector import AudioProjection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear

@@ -14,7 +14,6 @@ import shutil
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from megatron_ualm.config import make_config
 from megatron_ualm.vocab import UALMVocab
@@ -77,24 +76,10 @@ def sentencepiece_path(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def codec_dir(tmp_path_factory, debug_config) -> str:
     """A tiny random X-Codec (K=8, card=64) with random codebooks, saved like a checkpoint."""
-    from transformers import HubertConfig, XcodecConfig, XcodecModel
+    from megatron_ualm.quickstart import build_random_xcodec
 
-    torch.manual_seed(0)
-    K, card = debug_config.num_codebooks, debug_config.codebook_size
-    cfg = XcodecConfig(
-        target_bandwidths=[K * 50 * int(np.log2(card)) / 1000],
-        codebook_size=card,
-        acoustic_model_config=dict(encoder_hidden_size=4, decoder_hidden_size=32, hidden_size=8),
-        semantic_model_config=HubertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                           intermediate_size=32, conv_dim=(8,) * 7,
-                                           num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2).to_dict(),
-    )
     def build(d):
-        model = XcodecModel(cfg).eval()
-        with torch.no_grad():
-            for q in model.quantizer.quantizers:
-                q.codebook.embed.normal_()
-        model.save_pretrained(str(d))
+        build_random_xcodec(str(d), debug_config.num_codebooks, debug_config.codebook_size)
 
     return once(tmp_path_factory, "xcodec", build)
 

@@ -54,25 +54,10 @@ def tokenizer_path(tmp_path_factory, model) -> str:
 @pytest.fixture(scope="session")
 def codec_dir(tmp_path_factory, model) -> str:
     """A tiny random X-Codec (K=8, card=64, 16 kHz, 50 Hz) with random codebooks."""
-    from transformers import HubertConfig, XcodecConfig, XcodecModel
+    from megatron_ualm.quickstart import build_random_xcodec
 
-    torch.manual_seed(0)
-    K, card = model.config.num_codebooks, model.config.codebook_size
-    cfg = XcodecConfig(
-        target_bandwidths=[K * 50 * int(np.log2(card)) / 1000],
-        codebook_size=card,
-        acoustic_model_config=dict(encoder_hidden_size=4, decoder_hidden_size=32, hidden_size=8),
-        semantic_model_config=HubertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                           intermediate_size=32, conv_dim=(8,) * 7,
-                                           num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2).to_dict(),
-    )
-    codec = XcodecModel(cfg).eval()
-    with torch.no_grad():
-        for q in codec.quantizer.quantizers:
-            q.codebook.embed.normal_()
     path = tmp_path_factory.mktemp("codec") / "xcodec"
-    codec.save_pretrained(str(path))
-    return str(path)
+    return build_random_xcodec(str(path), model.config.num_codebooks, model.config.codebook_size)
 
 
 @pytest.fixture(scope="session")

@@ -167,7 +167,6 @@ def test_gradients_reach_adapter_and_codebooks_but_not_the_encoder(model, batch)
 
 def test_packed_position_ids_restart_rope(model):
     """Two documents packed in one row with a block mask equal the two run separately."""
-    cfg = model.config
     v = model.vocab
     a = build_sample([Message("user", "text", text=[1, 2, 3]), Message("assistant", "text", text=[4, 5])], v)
     b = build_sample([Message("user", "text", text=[6, 7]), Message("assistant", "text", text=[8, 9, 10])], v)
