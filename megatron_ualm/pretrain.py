@@ -32,6 +32,27 @@ from megatron_ualm.training.arguments import add_ualm_args, flavor_argv, ualm_co
 _STATE: dict = {}
 
 
+def _config():
+    """The run's UALMConfig, built once from Megatron's parsed arguments."""
+    if "config" not in _STATE:
+        from megatron.training import get_args
+
+        _STATE["config"] = ualm_config_from_args(get_args())
+    return _STATE["config"]
+
+
+def _throughput():
+    """The UALM metrics; created on first use, once the parallel sizes are known."""
+    if "throughput" not in _STATE:
+        from megatron.training import get_args
+
+        from megatron_ualm.training.metrics import UALMThroughput
+
+        a = get_args()
+        _STATE["throughput"] = UALMThroughput(_config(), a.seq_length, a.world_size, a.data_parallel_size)
+    return _STATE["throughput"]
+
+
 def _cpu_argv() -> list[str]:
     """Flags a CPU-only run needs (gloo, CPU init, no CUDA-only fusions); on GPU, the fusions
     whose extensions are missing are switched off instead of failing at the first step."""
@@ -58,8 +79,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     from megatron_ualm.training.freeze import apply_freeze_policy
 
     args = get_args()
-    ualm_config = _STATE.setdefault("config", ualm_config_from_args(args))
-    model = UALMModel(ualm_config, pre_process=pre_process, post_process=post_process,
+    model = UALMModel(_config(), pre_process=pre_process, post_process=post_process,
                       vp_stage=vp_stage, pg_collection=pg_collection)
     trainable = apply_freeze_policy(model, args.freeze)
     print_rank_0(f"> UALM stage (pre={pre_process}, post={post_process}, vp={vp_stage}): "
@@ -73,9 +93,7 @@ def forward_step(data_iterator, model):
     from megatron_ualm import api
 
     batch = next(data_iterator)
-    throughput = _STATE.get("throughput")
-    if throughput is not None:
-        throughput.counters.record(batch)
+    _throughput().counters.record(batch)
     return api.forward_step(iter([batch]), model)
 
 
@@ -90,7 +108,7 @@ def datasets_provider(train_val_test_num_samples: Sequence[int], vp_stage: Optio
     from megatron_ualm.vocab import UALMVocab
 
     args = get_args()
-    config = _STATE.setdefault("config", ualm_config_from_args(args))
+    config = _config()
     vocab = UALMVocab.from_config(config)
     if args.synthetic_data:
         datasets = [SyntheticDataset(config, args.seq_length, int(n), seed=args.seed + i)
@@ -131,9 +149,8 @@ def _install_ualm_logging() -> None:
     def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs):
         result = original(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs)
         args = get_args()
-        throughput = _STATE["throughput"]
         if iteration % args.log_interval == 0:
-            metrics = throughput.report()
+            metrics = _throughput().report()
             losses = {k: float(v) for k, v in loss_dict.items()}
             line = " | ".join(f"{k}: {v:.4g}" if "per" in k else f"{k}: {v}" for k, v in metrics.items())
             print_rank_last(f" [UALM] iteration {iteration:8d} | {line}")
@@ -159,40 +176,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sys.argv = [sys.argv[0]] + flavor_argv(flavor) + _cpu_argv() + argv
 
     from megatron.core.enums import ModelType
-    from megatron.training import get_args
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.training import pretrain
 
     from megatron_ualm.training.checkpointing import make_tracker_writes_atomic
-    from megatron_ualm.training.metrics import UALMThroughput
 
     args = parse_and_validate_args(extra_args_provider=add_ualm_args)
     cfg = pretrain_cfg_container_from_args(args)
     _install_ualm_logging()
     make_tracker_writes_atomic()
 
-    def throughput_factory():
-        """The metrics need the parallel sizes, known only after Megatron's initialisation."""
-        a = get_args()
-        config = _STATE.setdefault("config", ualm_config_from_args(a))
-        return UALMThroughput(config, a.seq_length, a.world_size, a.data_parallel_size)
-
-    _STATE["throughput_factory"] = throughput_factory
-    pretrain(cfg, _datasets_provider_with_metrics, ModelType.encoder_or_decoder, forward_step,
-             model_provider=model_provider)
+    pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
     if args.loss_plot and args.save and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         from megatron_ualm.training.plot import plot_metrics
 
         plot_metrics(os.path.join(args.save, "metrics.jsonl"), args.loss_plot)
-
-
-def _datasets_provider_with_metrics(train_val_test_num_samples, vp_stage=None):
-    _STATE["throughput"] = _STATE["throughput_factory"]()
-    return datasets_provider(train_val_test_num_samples, vp_stage)
-
-
-_datasets_provider_with_metrics.is_distributed = True
 
 
 if __name__ == "__main__":
