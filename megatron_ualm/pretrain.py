@@ -180,12 +180,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.training import pretrain
 
-    from megatron_ualm.training.checkpointing import make_tracker_writes_atomic
+    from megatron_ualm.training.checkpointing import make_checkpoints_atomic
 
     args = parse_and_validate_args(extra_args_provider=add_ualm_args)
     cfg = pretrain_cfg_container_from_args(args)
     _install_ualm_logging()
-    make_tracker_writes_atomic()
+    make_checkpoints_atomic()
 
     pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
     if args.loss_plot and args.save and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:

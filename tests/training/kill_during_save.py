@@ -16,7 +16,7 @@ _save = dist_checkpointing.save
 
 
 def _save_then_hang(sharded_state_dict, checkpoint_dir, *args, **kwargs):
-    if str(checkpoint_dir).rstrip("/").endswith("iter_0000006"):
+    if str(checkpoint_dir).rstrip("/").endswith("iter_0000006.partial"):
         os.makedirs(checkpoint_dir, exist_ok=True)
         with open(os.path.join(checkpoint_dir, "half_written.distcp"), "w") as f:
             f.write("partial")

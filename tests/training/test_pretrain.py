@@ -74,6 +74,7 @@ def test_reference_run_logs_ualm_metrics_and_saves(reference):
         assert {f"codebook_{k} loss" for k in range(8)} <= set(row)
     with open(os.path.join(reference, "latest_checkpointed_iteration.txt")) as f:
         assert f.read().strip() == "6"
+    assert sorted(d for d in os.listdir(reference) if d.startswith("iter_")) == ["iter_0000003", "iter_0000006"]
 
 
 def test_resume_same_tp_is_exact(reference, tmp_path):
@@ -112,7 +113,9 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(reference, tmp_pat
     proc.wait(timeout=60)
     with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
         assert f.read().strip() == "3"
-    assert os.path.exists(os.path.join(save, "iter_0000006", "half_written.distcp"))
+    # The interrupted save is only visible as a .partial directory, never as iter_0000006.
+    assert os.path.exists(os.path.join(save, "iter_0000006.partial", "half_written.distcp"))
+    assert not os.path.exists(os.path.join(save, "iter_0000006"))
     resumed = torchrun(1, *COMMON, "--save", save, "--load", save)
     assert "successfully loaded checkpoint" in resumed and "at iteration 3" in resumed
     rows = losses(save)
