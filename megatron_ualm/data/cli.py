@@ -39,6 +39,10 @@ def _common(parser: argparse.ArgumentParser, default_per_shard: int) -> None:
 def _audio_root(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio-root",
                         help="directory relative audio paths are resolved against (default: the manifest's directory)")
+    parser.add_argument("--audio-decoder", choices=("soundfile", "dali", "auto"), default="soundfile",
+                        help="soundfile: libsndfile + soxr resampling (default); dali: NVIDIA DALI's decoder "
+                             "and resampler (pip install nvidia-dali-cuda130; runs on CPU too); auto: DALI "
+                             "where installed")
 
 
 def _run(args, family: str, converter: tuple) -> int:
@@ -115,6 +119,7 @@ def preprocess_generation_main(argv: Optional[Sequence[str]] = None) -> int:
         kwargs = dict(codec=dict(name=args.codec, path=args.codec_path, device=args.codec_device,
                                  num_codebooks=args.num_codebooks))
     converter = (GenerationConverter, dict(tokenizer=args.tokenizer, rich_caption=args.rich_caption,
+                                           audio_decoder=args.audio_decoder,
                                            codec_batch_size=args.codec_batch_size, audio_root=_root(args), **kwargs))
     return _run(args, "generation", converter)
 
@@ -150,6 +155,7 @@ def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         audio_in = AudioInConfig(args.n_mels, args.window_seconds)
     converter = (UnderstandingConverter, dict(tokenizer=args.tokenizer, storage=args.audio_in_storage,
+                                              audio_decoder=args.audio_decoder,
                                               audio_in=audio_in, audio_root=_root(args)))
     return _run(args, "understanding", converter)
 

@@ -118,9 +118,10 @@ class Converter(ABC):
     codes = False
     audio_storage: Optional[str] = None
 
-    def __init__(self, tokenizer: str, audio_root: str = "."):
+    def __init__(self, tokenizer: str, audio_root: str = ".", audio_decoder: str = "soundfile"):
         self.tokenizer = TextTokenizer(tokenizer)
         self.audio_root = audio_root
+        self.audio_decoder = audio_decoder
 
     def header(self) -> dict:
         """Identity fields for the shard sidecar."""
@@ -199,8 +200,9 @@ class GenerationConverter(Converter):
     codes = True
 
     def __init__(self, tokenizer: str, codec=None, codec_identity: Optional[dict] = None,
-                 rich_caption: str = "plan", codec_batch_size: int = 8, audio_root: str = "."):
-        super().__init__(tokenizer, audio_root)
+                 rich_caption: str = "plan", codec_batch_size: int = 8, audio_root: str = ".",
+                 audio_decoder: str = "soundfile"):
+        super().__init__(tokenizer, audio_root, audio_decoder)
         if rich_caption not in ("plan", "condition"):
             raise ValueError(f"rich_caption={rich_caption!r}: choose 'plan' or 'condition'")
         if codec is None and not codec_identity:
@@ -235,7 +237,7 @@ class GenerationConverter(Converter):
         if self.codec is None:
             raise RecordError("has no precomputed 'codes' and no --codec was given to encode 'audio'", "codes")
         source, field = _audio_source(rec, ("audio",), self.audio_root)
-        wave = load_audio(source, self.codec.sample_rate, rec.get("start"), rec.get("end"), field)
+        wave = load_audio(source, self.codec.sample_rate, rec.get("start"), rec.get("end"), field, self.audio_decoder)
         if self.codec.num_frames(wave.shape[0]) < 1:
             raise RecordError(f"clip of {wave.shape[0] / self.codec.sample_rate:.3f} s is too short for one codec frame",
                               field)
@@ -267,8 +269,9 @@ class UnderstandingConverter(Converter):
 
     family = "understanding"
 
-    def __init__(self, tokenizer: str, audio_in: AudioInConfig, storage: str = "pcm16", audio_root: str = "."):
-        super().__init__(tokenizer, audio_root)
+    def __init__(self, tokenizer: str, audio_in: AudioInConfig, storage: str = "pcm16", audio_root: str = ".",
+                 audio_decoder: str = "soundfile"):
+        super().__init__(tokenizer, audio_root, audio_decoder)
         if storage not in ("pcm16", "mel"):
             raise ValueError(f"storage={storage!r}: choose 'pcm16' or 'mel'")
         self.audio_in = audio_in
@@ -299,7 +302,7 @@ class UnderstandingConverter(Converter):
                 raise RecordError("has no user turn to attach the audio to", turns[0][2])
             at = users[0]
         source, field = _audio_source(rec, ("audio", "sound"), self.audio_root)
-        wave = load_audio(source, AUDIO_IN_SAMPLE_RATE, rec.get("start"), rec.get("end"), field)
+        wave = load_audio(source, AUDIO_IN_SAMPLE_RATE, rec.get("start"), rec.get("end"), field, self.audio_decoder)
         segments = []
         for i, (role, content, where) in enumerate(turns):
             if i != at:
