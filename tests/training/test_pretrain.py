@@ -60,7 +60,7 @@ def resume_dir(reference: str, target: str) -> str:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     save = str(tmp_path_factory.mktemp("reference") / "ckpt")
-    log = torchrun(1, *COMMON, "--save", save)
+    log = torchrun(1, *COMMON, "--save", save, "--tensorboard-dir", os.path.join(save, "tb"))
     assert "lm loss" in log and "codebook_7 loss" in log and "[UALM]" in log
     return save
 
@@ -74,6 +74,12 @@ def test_reference_run_logs_ualm_metrics_and_saves(reference):
         assert {f"codebook_{k} loss" for k in range(8)} <= set(row)
     with open(os.path.join(reference, "latest_checkpointed_iteration.txt")) as f:
         assert f.read().strip() == "6"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(reference, "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lm loss", "codebook_7 loss", "ualm/tokens_per_sec_per_gpu", "ualm/samples_generation"} <= tags
     assert sorted(d for d in os.listdir(reference) if d.startswith("iter_")) == ["iter_0000003", "iter_0000006"]
 
 
