@@ -40,6 +40,8 @@ def parse_args():
     p.add_argument("--fp8", choices=["hybrid", "e4m3"], default=None)
     p.add_argument("--families", default=",".join(FAMILIES), help=f"comma list of {FAMILIES}")
     p.add_argument("--skip-gpt", action="store_true", help="time UALM only")
+    p.add_argument("--gpt-first", action="store_true",
+                   help="time GPTModel before UALM (checks that kernel warm-up order does not bias the ratio)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args()
 
@@ -65,25 +67,9 @@ def peak_memory_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def main():
-    args = parse_args()
-    api.initialize_parallel()
-    overrides = dict(max_sequence_length=max(args.seq_length, 512))
-    if args.num_layers:
-        overrides["num_layers"] = args.num_layers
-    if args.bf16:
-        overrides.update(bf16=True, params_dtype=torch.bfloat16)
-    if args.fp8:
-        overrides.update(fp8=args.fp8, fp8_recipe="delayed")
-    overrides["use_cpu_initialization"] = not torch.cuda.is_available()
-    config = make_config(args.flavor, **overrides)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    fp8_note = f" fp8={args.fp8}" if args.fp8 else ""
-    print(f"flavor={args.flavor} layers={config.num_layers} seq={args.seq_length} mbs={args.micro_batch_size} "
-          f"impl={config.transformer_impl} dtype={config.params_dtype}{fp8_note} device={torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
-
+def measure_ualm(args, config, device, results) -> None:
+    """UALM fwd+bwd per data family."""
     model = api.build_model(config)
-    results = {}
     for family in args.families.split(","):
         batch = mixed_batch(config, args.seq_length, seed=0, batch_size=args.micro_batch_size, families=(family,)).to(device)
         if batch.audio_in_features is not None and args.bf16:
@@ -106,32 +92,59 @@ def main():
                                flops_breakdown=flops.__dict__)
         print(f"[{family:13s}] UALM step {seconds * 1e3:9.2f} ms  {tokens / seconds:10.0f} tok/s  "
               f"{flops.total / seconds / 1e12:8.3g} TFLOP/s  peak {peak_memory_gib():6.2f} GiB")
-    del model
 
-    if not args.skip_gpt:
-        gpt = GPTModel(
-            config=config, transformer_layer_spec=decoder_block_spec(config), vocab_size=config.vocab_size,
-            max_sequence_length=config.max_sequence_length, position_embedding_type="rope",
-            rotary_base=int(config.rotary_base), share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
-        ).to(device)
-        tokens_ids = torch.randint(0, config.text_vocab_size, (args.micro_batch_size, args.seq_length), device=device)
-        position_ids = torch.arange(args.seq_length, device=device).expand_as(tokens_ids)
 
-        def gpt_step():
-            gpt.zero_grad(set_to_none=True)
-            loss = gpt(tokens_ids, position_ids, None, labels=tokens_ids)
-            loss.sum().backward()
+def measure_gpt(args, config, device, results) -> None:
+    """Plain Megatron-Core GPTModel fwd+bwd on the stream-0 tokens, same config and spec."""
+    gpt = GPTModel(
+        config=config, transformer_layer_spec=decoder_block_spec(config), vocab_size=config.vocab_size,
+        max_sequence_length=config.max_sequence_length, position_embedding_type="rope",
+        rotary_base=int(config.rotary_base), share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
+    ).to(device)
+    tokens_ids = torch.randint(0, config.text_vocab_size, (args.micro_batch_size, args.seq_length), device=device)
+    position_ids = torch.arange(args.seq_length, device=device).expand_as(tokens_ids)
 
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        seconds = time_steps(gpt_step, args.warmup, args.steps)
-        tokens = args.micro_batch_size * args.seq_length
-        tflops = tokens * backbone_flops_per_token(config, args.seq_length) / seconds / 1e12
-        results["gpt"] = dict(step_s=seconds, tokens_per_s=tokens / seconds, tflops=tflops, peak_gib=peak_memory_gib())
-        print(f"[{'GPTModel':13s}] step      {seconds * 1e3:9.2f} ms  {tokens / seconds:10.0f} tok/s  "
-              f"{tflops:8.3g} TFLOP/s  peak {peak_memory_gib():6.2f} GiB")
+    def gpt_step():
+        gpt.zero_grad(set_to_none=True)
+        loss = gpt(tokens_ids, position_ids, None, labels=tokens_ids)
+        loss.sum().backward()
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    seconds = time_steps(gpt_step, args.warmup, args.steps)
+    tokens = args.micro_batch_size * args.seq_length
+    tflops = tokens * backbone_flops_per_token(config, args.seq_length) / seconds / 1e12
+    results["gpt"] = dict(step_s=seconds, tokens_per_s=tokens / seconds, tflops=tflops, peak_gib=peak_memory_gib())
+    print(f"[{'GPTModel':13s}] step      {seconds * 1e3:9.2f} ms  {tokens / seconds:10.0f} tok/s  "
+          f"{tflops:8.3g} TFLOP/s  peak {peak_memory_gib():6.2f} GiB")
+
+
+def main():
+    args = parse_args()
+    api.initialize_parallel()
+    overrides = dict(max_sequence_length=max(args.seq_length, 512))
+    if args.num_layers:
+        overrides["num_layers"] = args.num_layers
+    if args.bf16:
+        overrides.update(bf16=True, params_dtype=torch.bfloat16)
+    if args.fp8:
+        overrides.update(fp8=args.fp8, fp8_recipe="delayed")
+    overrides["use_cpu_initialization"] = not torch.cuda.is_available()
+    config = make_config(args.flavor, **overrides)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    fp8_note = f" fp8={args.fp8}" if args.fp8 else ""
+    print(f"flavor={args.flavor} layers={config.num_layers} seq={args.seq_length} mbs={args.micro_batch_size} "
+          f"impl={config.transformer_impl} dtype={config.params_dtype}{fp8_note} device={torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+
+    results = {}
+    order = (measure_gpt, measure_ualm) if args.gpt_first else (measure_ualm, measure_gpt)
+    for measure in order:
+        if measure is measure_gpt and args.skip_gpt:
+            continue
+        measure(args, config, device, results)
+    if "gpt" in results:
         for family in args.families.split(","):
-            ratio = results[family]["ualm_step_s"] / seconds
+            ratio = results[family]["ualm_step_s"] / results["gpt"]["step_s"]
             results[family]["step_ratio_vs_gpt"] = ratio
             print(f"  UALM/GPT step-time ratio [{family}]: {ratio:.4f}")
     if args.json:
