@@ -1,6 +1,9 @@
 #!/bin/bash
 # One-shot GPU check for a lent H100/H200 (see benchmarks/RESULTS.md for what it produced).
 # Assumes Megatron-Core + Transformer Engine on PYTHONPATH (../shared/device/te_kit.sh install).
+# Prepare the kit WITHOUT EXTRA_WHEELS="soundfile soxr": the device image has no cffi, and a
+# carried soundfile makes `import transformers` fail (transformers.audio_utils imports it).
+# Seen on an H200 on 2026-11-27: TE install ~130 s, this script ~4 min.
 # Writes every log under ${OUT:-/tmp/gpu_check}; each step has its own time limit so one
 # failure does not eat the budget of the others.
 set -u
@@ -29,4 +32,5 @@ for prec in bf16 fp8; do
   grep -E " iteration +[0-9]+/|\[UALM\]|max allocated" "$OUT/pretrain_1.5b_$prec.log" | tail -4 | cut -c1-400
 done
 step model_step_fp8 110 python benchmarks/model_step.py --flavor qwen2.5-7b --num-layers 8 \
-  --seq-length 4096 --bf16 --fp8 hybrid --steps 8 --warmup 3 --json "$OUT/model_step_fp8.json"
+  --seq-length 4096 --bf16 --fp8 hybrid --steps 8 --warmup 8 --gpt-first --families text,generation \
+  --json "$OUT/model_step_fp8.json"
