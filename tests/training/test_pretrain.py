@@ -126,3 +126,16 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(reference, tmp_pat
     assert "successfully loaded checkpoint" in resumed and "at iteration 3" in resumed
     rows = losses(save)
     assert rows[6]["lm loss"] == losses(reference)[6]["lm loss"]
+
+
+def test_training_checkpoint_exports_to_transformers(reference, tmp_path):
+    """The loop's checkpoint converts to a Qwen2ForCausalLM with the same text logits."""
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    hf = str(tmp_path / "hf")
+    for cmd in ([sys.executable, "-m", "megatron_ualm.conversion", "export", "--load", reference, "--flavor", "debug",
+                 "--output", hf],
+                [sys.executable, os.path.join(HERE, "export_parity.py"), reference, hf]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    diff = float(proc.stdout.split("MAX_ABS_DIFF")[1].split()[0])
+    assert diff < 1e-4
