@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_ualm.compat import cpu as cpu_compat
-from megatron_ualm.compat.packaging import skip_helpers_compilation_when_shipped
+from megatron_ualm.compat import megatron_fixes
 from megatron_ualm.training.arguments import add_ualm_args, flavor_argv, ualm_config_from_args, _flavor_of
 
 _STATE: dict = {}
@@ -171,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parses the command line and runs Megatron's ``pretrain`` on UALM."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cpu_compat.apply_training()
-    skip_helpers_compilation_when_shipped()
+    megatron_fixes.apply()
     flavor = _flavor_of(argv)
     sys.argv = [sys.argv[0]] + flavor_argv(flavor) + _cpu_argv() + argv
 

@@ -211,3 +211,38 @@ def apply_training() -> None:
     # satisfy that demand, which is meaningless without CUDA streams.
     arguments.get_device_arch_version = lambda: 9
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+    # Without apex or TE, the distributed optimizer wraps torch's Adam, whose state is empty
+    # until the first step; DistributedOptimizer.state_dict() then asserts on the missing
+    # 'step' while --load builds the template to load into. Megatron's own remedy for that
+    # (_init_optimizer_states_with_dummy_values, used for FSDP) fills the states first; the
+    # loaded checkpoint then overwrites them and the fp32 main parameters.
+    from megatron.core.optimizer import distrib_optimizer
+
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        sharded_state_dict = distrib_optimizer.DistributedOptimizer.sharded_state_dict
+
+        def sharded_state_dict_with_states(self, model_sharded_state_dict={}, is_loading=False, *args, **kwargs):
+            if is_loading and not self.optimizer.state:
+                self._init_optimizer_states_with_dummy_values()
+            return sharded_state_dict(self, model_sharded_state_dict, is_loading, *args, **kwargs)
+
+        distrib_optimizer.DistributedOptimizer.sharded_state_dict = sharded_state_dict_with_states
+
+        # The dummy step leaves torch Adam's per-parameter 'step' at 1; the checkpoint's step
+        # comes back in the param groups (where state_dict() stored it), so copy it into the
+        # states, or Adam's bias correction would restart after a resume.
+        load_state_dict = distrib_optimizer.DistributedOptimizer.load_state_dict
+
+        def load_state_dict_with_steps(self, state_dict):
+            result = load_state_dict(self, state_dict)
+            for group in self.optimizer.param_groups:
+                if group.get("step") is None:
+                    continue
+                for param in group["params"]:
+                    state = self.optimizer.state.get(param)
+                    if state and "step" in state:
+                        state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
+            return result
+
+        distrib_optimizer.DistributedOptimizer.load_state_dict = load_state_dict_with_steps

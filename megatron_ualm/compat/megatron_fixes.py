@@ -1,0 +1,48 @@
+"""Work-arounds for megatron-core 0.19 bugs that hit GPU and CPU runs alike.
+
+``apply()`` installs all of them; each function names the bug it works around.
+"""
+
+from __future__ import annotations
+
+
+def skip_helpers_compilation_when_shipped() -> None:
+    """``initialize_megatron`` calls ``megatron.core.datasets.utils.compile_helpers()``, which
+    runs ``make`` in a folder that the 0.19 wheel ships without a Makefile, and exits the job
+    when that fails. The wheel already contains the compiled ``helpers_cpp``; when it imports,
+    compilation is skipped. A source checkout without the extension still compiles."""
+    from megatron.core.datasets import utils
+
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return
+    utils.compile_helpers = lambda: None
+
+
+def load_distributed_optimizer_states_without_autograd() -> None:
+    """``DistributedOptimizer._set_main_param_and_optimizer_states`` copies loaded values into
+    the main parameters with ``copy_``. Without a separate fp32 master copy (fp32 training) the
+    main parameter is a view of a model parameter that requires grad, and the in-place copy
+    fails with "a view of a leaf Variable that requires grad is being used in an in-place
+    operation" when resuming with ``--use-distributed-optimizer``. Loading is not part of any
+    graph: run it under ``no_grad``."""
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_ualm_no_grad", False):
+        return
+
+    def set_states(self, *args, **kwargs):
+        with torch.no_grad():
+            return original(self, *args, **kwargs)
+
+    set_states._ualm_no_grad = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def apply() -> None:
+    """Installs every fix in this module."""
+    skip_helpers_compilation_when_shipped()
+    load_distributed_optimizer_states_without_autograd()
