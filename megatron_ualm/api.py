@@ -58,13 +58,17 @@ def initialize_parallel(
     """
     cpu_compat.apply()
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # Without a launcher, a world of one on a free port; the environment is left alone so
+        # that subprocesses (and later launchers) do not inherit a port this process holds.
+        standalone = {} if "RANK" in os.environ else dict(
+            init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        )
         torch.distributed.init_process_group(
             backend=cpu_compat.default_backend(),
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            **standalone,
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
