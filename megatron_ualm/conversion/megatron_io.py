@@ -67,10 +67,11 @@ def ensure_world_of_one() -> None:
     """
     cpu_compat.apply()
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # A tcp init_method rather than MASTER_* variables: the environment is left alone, so
+        # subprocesses do not inherit a port this process holds.
         torch.distributed.init_process_group(
-            "gloo", rank=0, world_size=1, timeout=datetime.timedelta(minutes=30)
+            "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+            timeout=datetime.timedelta(minutes=30),
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)

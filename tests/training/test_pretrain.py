@@ -130,7 +130,8 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(reference, tmp_pat
 
 def test_training_checkpoint_exports_to_transformers(reference, tmp_path):
     """The loop's checkpoint converts to a Qwen2ForCausalLM with the same text logits."""
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     hf = str(tmp_path / "hf")
     for cmd in ([sys.executable, "-m", "megatron_ualm.conversion", "export", "--load", reference, "--flavor", "debug",
                  "--output", hf],
