@@ -172,12 +172,14 @@ def load_plan(path: str) -> BlendPlan:
 
 def build_data_loader(dataset, seq_length: int, vocab, micro_batch_size: int, consumed_samples: int = 0,
                       data_parallel_rank: int = 0, data_parallel_size: int = 1, num_workers: int = 0,
-                      attention_mask: bool = True):
+                      attention_mask: bool = True, collate_fn=None, seed: int = 0):
     """A data loader over a (blended) dataset that starts after ``consumed_samples``.
 
     Uses Megatron's ``MegatronPretrainingSampler``: sample ``i`` of the global order goes to
     the same step and rank whatever the restart point, so a resumed run neither repeats nor
-    skips a sample.
+    skips a sample. ``collate_fn`` replaces the default ``collate_packed``. The loader has its
+    own seeded generator, which keeps its base-seed draw off the global RNG (on CPU also the
+    dropout RNG), so an exact resume does not depend on when loaders were created.
     """
     from functools import partial
 
@@ -188,6 +190,8 @@ def build_data_loader(dataset, seq_length: int, vocab, micro_batch_size: int, co
 
     sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                          data_parallel_rank, data_parallel_size)
+    collate_fn = collate_fn or partial(collate_packed, seq_length=seq_length, vocab=vocab, attention_mask=attention_mask)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
-        collate_fn=partial(collate_packed, seq_length=seq_length, vocab=vocab, attention_mask=attention_mask))
+        collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available())

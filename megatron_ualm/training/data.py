@@ -2,9 +2,9 @@
 
 Megatron's own loader stacks items with the default collate, which cannot batch UALM rows
 (variable numbers of audio-in windows, packed documents); the loop therefore runs with
-``--dataloader-type external`` and this module builds the loaders itself, with Megatron's
-``MegatronPretrainingSampler`` so that a resumed run starts exactly after the consumed
-samples (no sample repeated or skipped).
+``--dataloader-type external`` and builds the loaders through ``data.blend.build_data_loader``
+(Megatron's ``MegatronPretrainingSampler``: a resumed run starts exactly after the consumed
+samples, no sample repeated or skipped).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from megatron_ualm.config import UALMConfig
 from megatron_ualm.data.audio import AudioInConfig
 from megatron_ualm.data.batch import UALMBatch, collate_packed
+from megatron_ualm.data.blend import build_data_loader
 from megatron_ualm.synthetic import FAMILIES, mixed_samples
 from megatron_ualm.vocab import UALMVocab
 
@@ -82,19 +83,11 @@ class FamilyCollate:
 
 def build_loader(dataset, collate: FamilyCollate, micro_batch_size: int, consumed_samples: int,
                  num_workers: int, seed: int) -> Optional[torch.utils.data.DataLoader]:
-    """A loader over ``dataset`` for this data-parallel rank, starting after ``consumed_samples``."""
+    """``data.blend.build_data_loader`` for this data-parallel rank, with family counts."""
     if dataset is None or len(dataset) == 0:
         return None
-    from megatron.training.datasets.data_samplers import MegatronPretrainingSampler
-
-    sampler = MegatronPretrainingSampler(
-        len(dataset), consumed_samples, micro_batch_size,
+    return build_data_loader(
+        dataset, collate.seq_length, collate.vocab, micro_batch_size, consumed_samples,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
-    )
-    # Its own generator keeps the loader's base-seed draw off the global RNG, which on CPU is
-    # also the dropout RNG: an exact resume must not depend on when loaders were created.
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
-        pin_memory=torch.cuda.is_available(),
+        num_workers, collate_fn=collate, seed=seed,
     )
