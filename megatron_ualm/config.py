@@ -259,4 +259,7 @@ def make_config(flavor: str, **overrides: Any) -> UALMConfig:
     kwargs.setdefault("transformer_impl", default_transformer_impl())
     if kwargs.get("bf16") and "params_dtype" not in overrides:
         kwargs["params_dtype"] = torch.bfloat16
+    if kwargs.get("pipeline_model_parallel_size", 1) > 1 and kwargs.get("pipeline_dtype") is None:
+        # Stages exchange activations in the parameters' dtype unless told otherwise.
+        kwargs["pipeline_dtype"] = kwargs.get("params_dtype", torch.float32)
     return UALMConfig(**kwargs)

@@ -15,8 +15,8 @@ Prompts come from ``--prompt`` (repeatable) or ``--prompts FILE.jsonl`` (one obj
 texts, audio files), the WAVs, and for the reasoning modes one folder per prompt with
 ``transcript.json`` / ``transcript.md``.
 
-Tensor parallelism: launch with ``torchrun --nproc-per-node=TP ... --tensor-model-parallel-size TP``;
-rank 0 writes the outputs.
+Model parallelism: launch with ``torchrun --nproc-per-node=TP*PP ... --tensor-model-parallel-size TP
+--pipeline-model-parallel-size PP``; every rank decodes the same prompts, rank 0 writes the outputs.
 
 Example (CPU, random debug model, tiny random codec)::
 
@@ -44,6 +44,7 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     m.add_argument("--random-init", action="store_true", help="run without a checkpoint (smoke tests, benchmarks)")
     m.add_argument("--audio-encoder-path", help="local directory of the audio encoder's weights")
     m.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    m.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     m.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
     m.add_argument("--transformer-impl", choices=["local", "transformer_engine"],
                    help="decoder backend (default: TE where available)")
@@ -122,7 +123,7 @@ def main(argv: Optional[list] = None) -> None:
     from megatron_ualm.inference.pipeline import UALM, Turn
     from megatron_ualm.inference.sampling import SamplingParams
 
-    api.initialize_parallel(args.tensor_model_parallel_size, 1, seed=args.seed)
+    api.initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
     overrides = {}
     if args.bf16:
         overrides["bf16"] = True

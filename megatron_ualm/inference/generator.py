@@ -23,6 +23,14 @@ Prompts of different lengths are left-padded; an explicit attention mask hides t
 (RoPE is relative, so a left shift of positions changes nothing). Batches without padding pass
 no mask. Under tensor parallelism every rank samples with the same seed and the picks are
 broadcast from the TP source rank, so all ranks write identical columns.
+
+Under pipeline parallelism each forward runs stage by stage: a stage receives the previous
+stage's hidden states ``[q, N, h]``, runs its layers against its own KV cache and sends its
+output on; the last stage samples, and its picks are broadcast over the pipeline group. Every
+rank then advances the same row states, so every rank holds the whole batch's replies (the
+``scores`` only on the last stage). Megatron-Core's ``inference.communication_utils`` do the
+same sends but assert CUDA tensors; the plain ``torch.distributed`` calls here also run on
+gloo, which is how the CPU tests check PP = 2 against PP = 1.
 """
 
 from __future__ import annotations
@@ -96,7 +104,8 @@ class Generation:
         finished: the reply ended with ``<|eos|>`` (or ``<|eot|>`` with ``stop_at_eot``)
             rather than a limit.
         scores: with ``output_scores``: per step ``(text [V], codes [K, card])`` logits the
-            row chose from (guided in audio messages), before masking.
+            row chose from (guided in audio messages), before masking; kept on the last
+            pipeline stage only (empty elsewhere).
     """
 
     segments: list[Segment]
@@ -127,19 +136,18 @@ class _Row:
 
 
 class Generator:
-    """Decodes batches of prompts with a ``UALMModel`` (PP = 1, any TP).
+    """Decodes batches of prompts with a ``UALMModel`` (any TP and PP).
 
     Args:
-        model: the model (unwrapped, both ``pre_process`` and ``post_process``).
+        model: this rank's pipeline stage of the model (unwrapped); every rank of the
+            model-parallel group calls ``generate`` with the same prompts and parameters.
     """
 
     def __init__(self, model) -> None:
-        if not (model.pre_process and model.post_process):
-            raise ValueError(
-                "generation needs the whole model on every rank: run it with "
-                "pipeline_model_parallel_size=1 (tensor parallelism is supported)"
-            )
+        if getattr(model.config, "virtual_pipeline_model_parallel_size", None):
+            raise ValueError("generation runs one model chunk per rank: build it without a virtual pipeline")
         self.model = model
+        self.first, self.last = model.pre_process, model.post_process
         self.config = model.config
         self.vocab: UALMVocab = model.vocab
         self.device = next(model.parameters()).device
@@ -159,7 +167,16 @@ class Generator:
 
     # ------------------------------------------------------------------ model calls
     def _forward(self, tokens, codes, mask, features, lengths, context):
-        text, code = self.model(
+        """One forward of this stage; the last stage returns the last position's logits
+        ``([N, V], [N, K, card])``, the others ``(None, None)``."""
+        if not self.first:
+            hidden = torch.empty(
+                (tokens.shape[1], tokens.shape[0], self.config.hidden_size),
+                dtype=self.config.pipeline_dtype or self.config.params_dtype, device=self.device,
+            )
+            torch.distributed.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+            self.model.set_input_tensor(hidden)
+        out = self.model(
             input_ids=tokens,
             codes=codes,
             attention_mask=mask,
@@ -168,6 +185,10 @@ class Generator:
             gather_output=True,
             inference_context=context,
         )
+        if not self.last:
+            torch.distributed.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+            return None, None
+        text, code = out
         return text[:, -1].float(), code[:, :, -1].float()  # [N, V], [N, K, card]
 
     @staticmethod
@@ -182,12 +203,18 @@ class Generator:
         return ~(causal[None, None] & valid[:, None, None, :])
 
     def _broadcast(self, picks: torch.Tensor) -> torch.Tensor:
-        """Makes every TP rank hold TP source rank's picks."""
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        """Makes every rank hold the picks of the last stage's TP source rank (in place)."""
+        if self.last and parallel_state.get_tensor_model_parallel_world_size() > 1:
             torch.distributed.broadcast(
                 picks,
                 src=parallel_state.get_tensor_model_parallel_src_rank(),
                 group=parallel_state.get_tensor_model_parallel_group(),
+            )
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.broadcast(
+                picks,
+                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
             )
         return picks
 
@@ -203,7 +230,7 @@ class Generator:
         Returns:
             One ``Generation`` per prompt, in order.
         """
-        v, K, card = self.vocab, self.config.num_codebooks, self.config.codebook_size
+        v, K = self.vocab, self.config.num_codebooks
         B = len(prompts)
         cfg = params.cfg_weight is not None
         rows = list(prompts) + ([empty_condition_prompt(v, p.modality) for p in prompts] if cfg else [])
@@ -250,50 +277,12 @@ class Generator:
         )
         if context is not None:
             context.sequence_len_offset += L
-        audio_params = SamplingParams(temperature=params.audio.temperature)
-        # Keep top-k within the codebook.
-        code_params = SamplingParams(
-            params.audio.temperature, min(params.audio.top_k, card), params.audio.top_p
-        )
 
         while pos < total and any(st.mode != DONE for st in state):
-            modes = torch.tensor([st.mode for st in state], device=dev)
-            t_c, c_c = text_logits[:B], code_logits[:B]
-            if cfg:
-                in_audio = (modes == AUDIO)[:, None]
-                t_sel = torch.where(in_audio, guide(t_c, text_logits[B:], params.cfg_weight), t_c)
-                c_sel = guide(c_c, code_logits[B:], params.cfg_weight)
+            if self.last:
+                picks = self._choose(text_logits, code_logits, state, params, min_frames, generator, scores)
             else:
-                t_sel, c_sel = t_c, c_c
-            if params.output_scores:
-                for r in range(B):
-                    if state[r].mode != DONE:
-                        scores[r].append((t_sel[r].cpu(), c_sel[r].cpu()))
-
-            text_mask = self._text_allowed.expand(B, -1).clone()
-            cont_mask = self._audio_continue.expand(B, -1).clone()
-            for r, st in enumerate(state):
-                if st.audio_segments >= params.max_audio_segments:
-                    text_mask[r, v.modality("audio")] = False
-                if st.mode == AUDIO and st.step + 1 >= min_frames:
-                    cont_mask[r] |= self._audio_end
-            ninf = float("-inf")
-            mode_list = [st.mode for st in state]
-            unused = torch.zeros(B, 1, dtype=torch.long, device=dev)
-            # Stream-0 choices only for the modes present (the full-vocabulary text sampling
-            # is the costly one); every rank skips the same ones.
-            picks = torch.cat(
-                [
-                    sample(t_sel.masked_fill(~text_mask, ninf), params.text, generator)[:, None]
-                    if TEXT in mode_list else unused,
-                    sample(t_sel.masked_fill(~cont_mask, ninf), audio_params, generator)[:, None]
-                    if AUDIO in mode_list else unused,
-                    sample(t_sel.masked_fill(~self._terminators, ninf), audio_params, generator)[:, None]
-                    if AUDIO in mode_list else unused,
-                    sample(c_sel.reshape(B * K, card), code_params, generator).view(B, K),
-                ],
-                dim=1,
-            )  # [B, 3 + K]
+                picks = torch.empty((B, 3 + K), dtype=torch.long, device=dev)
             picks = self._broadcast(picks).tolist()
 
             col_tok, col_codes = [v.pad] * B, [[v.code_empty] * K for _ in range(B)]
@@ -332,6 +321,56 @@ class Generator:
             segments = parse_response(gen_tok, gen_codes, v, p.modality)
             out.append(Generation(segments, gen_tok, gen_codes, state[r].finished, scores[r]))
         return out
+
+    def _choose(self, text_logits, code_logits, state, params: GenerationParams, min_frames: int, generator, scores):
+        """Samples every candidate of the next column on the last stage.
+
+        Returns:
+            ``[B, 3 + K]`` picks per row: text id, audio continue/stop id, terminator id, and
+            one code per codebook; each row's state machine (``_advance``) uses the ones its
+            mode needs.
+        """
+        v, K, card = self.vocab, self.config.num_codebooks, self.config.codebook_size
+        B = len(state)
+        mode_list = [st.mode for st in state]
+        t_c, c_c = text_logits[:B], code_logits[:B]
+        if params.cfg_weight is not None:
+            in_audio = torch.tensor(mode_list, device=self.device)[:, None] == AUDIO
+            t_sel = torch.where(in_audio, guide(t_c, text_logits[B:], params.cfg_weight), t_c)
+            c_sel = guide(c_c, code_logits[B:], params.cfg_weight)
+        else:
+            t_sel, c_sel = t_c, c_c
+        if params.output_scores:
+            for r in range(B):
+                if state[r].mode != DONE:
+                    scores[r].append((t_sel[r].cpu(), c_sel[r].cpu()))
+
+        text_mask = self._text_allowed.expand(B, -1).clone()
+        cont_mask = self._audio_continue.expand(B, -1).clone()
+        for r, st in enumerate(state):
+            if st.audio_segments >= params.max_audio_segments:
+                text_mask[r, v.modality("audio")] = False
+            if st.mode == AUDIO and st.step + 1 >= min_frames:
+                cont_mask[r] |= self._audio_end
+        ninf = float("-inf")
+        audio_params = SamplingParams(temperature=params.audio.temperature)
+        # Keep top-k within the codebook.
+        code_params = SamplingParams(params.audio.temperature, min(params.audio.top_k, card), params.audio.top_p)
+        unused = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        # Stream-0 choices only for the modes present (the full-vocabulary text sampling is
+        # the costly one); every TP rank of the last stage skips the same ones.
+        return torch.cat(
+            [
+                sample(t_sel.masked_fill(~text_mask, ninf), params.text, generator)[:, None]
+                if TEXT in mode_list else unused,
+                sample(t_sel.masked_fill(~cont_mask, ninf), audio_params, generator)[:, None]
+                if AUDIO in mode_list else unused,
+                sample(t_sel.masked_fill(~self._terminators, ninf), audio_params, generator)[:, None]
+                if AUDIO in mode_list else unused,
+                sample(c_sel.reshape(B * K, card), code_params, generator).view(B, K),
+            ],
+            dim=1,
+        )  # [B, 3 + K]
 
     def _written(self, gen_tok: torch.Tensor) -> int:
         """Columns a row wrote: up to its first trailing pad (done rows are fed pads)."""

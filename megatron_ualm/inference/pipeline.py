@@ -84,7 +84,7 @@ class UALM:
     """A model, its tokenizer and codec, behind ``respond``.
 
     Args:
-        model: a ``UALMModel`` (PP = 1).
+        model: this rank's stage of a ``UALMModel`` (any TP / PP; every rank calls the same methods).
         tokenizer: a ``megatron_ualm.data.tokenizer.TextTokenizer`` (or anything with
             ``encode(str) -> list[int]`` and ``decode(ids) -> str``).
         codec: decoder for audio out; None keeps replies as codes only.

@@ -1,8 +1,10 @@
-"""One rank of the TP generation check (launched by test_tensor_parallel.py through torchrun).
+"""One rank of the model-parallel generation check (launched by test_model_parallel.py via torchrun).
 
 ``reference`` (world 1): builds the debug model, saves it as a distributed checkpoint, decodes
 a mixed batch (text reply with audio in, audio with CFG, free choice) and writes the result.
-``tp`` (world = TP): loads that checkpoint resharded, decodes the same batch, rank 0 writes.
+``parallel`` (world = TP x PP): loads that checkpoint resharded, decodes the same batch; the
+last stage's first TP rank writes (it holds the scores), every rank checks it holds the same
+replies.
 """
 
 import argparse
@@ -13,7 +15,7 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import numpy as np
 import torch
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_ualm import api
 from megatron_ualm.data.sequence import Message
@@ -35,12 +37,13 @@ def batch(model, vocab):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["reference", "tp"])
+    p.add_argument("mode", choices=["reference", "parallel"])
     p.add_argument("--dir", required=True)
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(1)
-    api.initialize_parallel(args.tp, 1, seed=1234, timeout_minutes=2)
+    api.initialize_parallel(args.tp, args.pp, seed=1234, timeout_minutes=2)
     model = api.build_model("debug", use_cpu_initialization=True).eval()
     ckpt = os.path.join(args.dir, "model")
     if args.mode == "reference":
@@ -52,10 +55,14 @@ def main():
                               cfg_weight=3.0, max_new_tokens=10, max_audio_seconds=0.2, min_audio_seconds=0.1, seed=11,
                               output_scores=True)
     out = Generator(model).generate(batch(model, model.vocab), params)
-    if torch.distributed.get_rank() == 0:
+    replies = [g.tokens.tolist() + g.codes.flatten().tolist() for g in out]
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, replies)
+    assert all(r == replies for r in everyone), "ranks disagree on the replies"
+    if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
         result = [dict(tokens=g.tokens.tolist(), codes=g.codes.tolist(),
                        first_scores=[g.scores[0][0].tolist(), g.scores[0][1].flatten().tolist()]) for g in out]
-        with open(os.path.join(args.dir, f"{args.mode}{args.tp}.json"), "w") as f:
+        with open(os.path.join(args.dir, f"{args.mode}_tp{args.tp}_pp{args.pp}.json"), "w") as f:
             json.dump(result, f)
     api.destroy_parallel()
 
