@@ -219,7 +219,7 @@ class Generator:
         return picks
 
     # ------------------------------------------------------------------ decoding
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams = GenerationParams()) -> list[Generation]:
         """Decodes one reply per prompt.
 
