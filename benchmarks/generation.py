@@ -39,6 +39,9 @@ def main() -> None:
     p.add_argument("--no-cfg", action="store_true")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--transformer-impl", choices=["local", "transformer_engine"])
+    p.add_argument("--static-cache", action="store_true", help="fixed-shape KV cache (inference/static_cache.py)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the decode step as a CUDA graph (GPU; implies --static-cache and the local spec)")
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="also write the results here")
@@ -53,6 +56,8 @@ def main() -> None:
     overrides = dict(bf16=True) if args.bf16 else {}
     if args.transformer_impl:
         overrides["transformer_impl"] = args.transformer_impl
+    elif args.static_cache or args.cuda_graphs:
+        overrides["transformer_impl"] = "local"  # the static cache wraps the local attention
     budget = args.prompt_tokens + 16 + max(args.text_tokens, int(args.audio_seconds * 50) + 16)
     overrides["max_sequence_length"] = max(budget, 512)
     model = api.build_model(args.flavor, **overrides).eval()
@@ -81,9 +86,23 @@ def main() -> None:
     audio_params = GenerationParams(
         audio=SamplingParams(temperature=1.0, top_k=250), cfg_weight=None if args.no_cfg else args.cfg_weight,
         max_audio_seconds=args.audio_seconds, min_audio_seconds=args.audio_seconds, stop_at_eot=True,
-        max_new_tokens=1, max_audio_segments=1)
+        max_new_tokens=1, max_audio_segments=1, static_cache=args.static_cache, cuda_graphs=args.cuda_graphs)
     text_params = GenerationParams(text=SamplingParams(temperature=1.0), cfg_weight=None,
-                                   max_new_tokens=args.text_tokens, max_audio_segments=0)
+                                   max_new_tokens=args.text_tokens, max_audio_segments=0,
+                                   static_cache=args.static_cache, cuda_graphs=args.cuda_graphs)
+    if args.cuda_graphs:
+        # The replayed step must decode what the same step decodes eagerly: a short greedy run of
+        # both, scores compared, before any timing.
+        import dataclasses
+
+        check = dataclasses.replace(audio_params, text=SamplingParams(0.0), audio=SamplingParams(0.0),
+                                    max_audio_seconds=0.4, min_audio_seconds=0.4, output_scores=True)
+        eager = gen.generate(prompts(2, "audio"), dataclasses.replace(check, cuda_graphs=False, static_cache=True))
+        graph = gen.generate(prompts(2, "audio"), check)
+        same = sum(torch.equal(a.codes, b.codes) for a, b in zip(eager, graph))
+        diff = max(float((x[1] - y[1]).abs().max()) for a, b in zip(eager, graph) for x, y in zip(a.scores, b.scores))
+        print(f"CUDA-graph check: {same}/{len(eager)} rows decode the same codes as eager; "
+              f"max |code logit difference| = {diff:.3g}")
     results = []
     for b in args.batch_sizes:
         sec, out = timed(prompts(b, "audio"), audio_params)
@@ -97,7 +116,8 @@ def main() -> None:
         results.append(dict(kind="text", batch=b, seconds=sec, tokens=toks, tokens_per_s=toks / sec))
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU x{args.threads} thread(s)"
-    print(f"flavor={args.flavor} device={name} bf16={args.bf16} impl={model.config.transformer_impl} "
+    cache = "cuda-graphs" if args.cuda_graphs else "static" if args.static_cache else "megatron"
+    print(f"flavor={args.flavor} device={name} bf16={args.bf16} impl={model.config.transformer_impl} kv-cache={cache} "
           f"prompt={args.prompt_tokens} tokens, audio={args.audio_seconds} s, K={K}")
     print("| kind | batch | CFG | wall s | audio s / s (x real time) | text tokens / s |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -109,7 +129,7 @@ def main() -> None:
             print(f"| text | {r['batch']} | off | {r['seconds']:.2f} | | {r['tokens_per_s']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(flavor=args.flavor, device=name, bf16=args.bf16, results=results), f, indent=2)
+            json.dump(dict(flavor=args.flavor, device=name, bf16=args.bf16, kv_cache=cache, results=results), f, indent=2)
 
 
 if __name__ == "__main__":

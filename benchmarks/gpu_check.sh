@@ -3,10 +3,14 @@
 # Assumes Megatron-Core + Transformer Engine on PYTHONPATH (../shared/device/te_kit.sh install).
 # Prepare the kit WITHOUT EXTRA_WHEELS="soundfile soxr": the device image has no cffi, and a
 # carried soundfile makes `import transformers` fail (transformers.audio_utils imports it).
-# Seen on an H200 on 2026-11-27: TE install ~130 s, this script ~4 min.
+# Usage: bash benchmarks/gpu_check.sh [train|generation|all]   (default: all)
+# The step limits add up to about 12 minutes, more than one 10-minute device call: run
+# `train` and `generation` as two calls on the same warm machine. TE install took ~130 s on an
+# H200 (2026-11-27); the steps themselves have not yet run end to end on a GPU.
 # Writes every log under ${OUT:-/tmp/gpu_check}; each step has its own time limit so one
 # failure does not eat the budget of the others.
 set -u
+PART=${1:-all}
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
@@ -19,6 +23,7 @@ step() {  # step NAME SECONDS CMD...
   echo "exit $? for $name"; grep -E "UALM step|GPTModel|ratio|Error|error:" "$OUT/$name.log" | head -20
 }
 
+if [ "$PART" = train ] || [ "$PART" = all ]; then
 # Issue 2 target: UALM vs plain GPTModel step time at Qwen2.5-7B shapes (8 layers), seq 4096, TE.
 step model_step_bf16 110 python benchmarks/model_step.py --flavor qwen2.5-7b --num-layers 8 \
   --seq-length 4096 --bf16 --steps 8 --warmup 3 --json "$OUT/model_step_bf16.json"
@@ -34,3 +39,17 @@ done
 step model_step_fp8 110 python benchmarks/model_step.py --flavor qwen2.5-7b --num-layers 8 \
   --seq-length 4096 --bf16 --fp8 hybrid --steps 8 --warmup 8 --gpt-first --families text,generation \
   --json "$OUT/model_step_fp8.json"
+fi
+
+if [ "$PART" = generation ] || [ "$PART" = all ]; then
+# Issue 6: generation, Qwen2.5-1.5B shapes, BF16, batch 16 with CFG (32 rows), 10 s of audio.
+# Megatron's StaticInferenceContext (eager) against the decode step replayed from a CUDA graph
+# (inference/static_cache.py; the run first checks that the graph decodes what eager decodes).
+for mode in megatron cuda-graphs; do
+  extra=""; [ "$mode" = cuda-graphs ] && extra="--cuda-graphs"
+  step "generation_1.5b_$mode" 120 python benchmarks/generation.py --flavor qwen2.5-1.5b --bf16 \
+    --transformer-impl local --audio-seconds 10 --text-tokens 64 --batch-sizes 16 --repeats 1 $extra \
+    --json "$OUT/generation_1.5b_$mode.json"
+  grep -E "CUDA-graph check|\| audio|\| text" "$OUT/generation_1.5b_$mode.log"
+done
+fi

@@ -77,6 +77,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     s.add_argument("--max-audio-seconds", type=float, default=10.0)
     s.add_argument("--min-audio-seconds", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each decode step from a CUDA graph (GPU, PP=1; selects the local spec)")
     args = p.parse_args(argv)
     if not args.load and not args.random_init:
         p.error("give --load CHECKPOINT, or --random-init for a randomly initialised model")
@@ -129,6 +131,8 @@ def main(argv: Optional[list] = None) -> None:
         overrides["bf16"] = True
     if args.transformer_impl:
         overrides["transformer_impl"] = args.transformer_impl
+    elif args.cuda_graphs:
+        overrides["transformer_impl"] = "local"  # the graphed decode wraps the local attention
     if args.audio_encoder_path:
         overrides["audio_encoder_path"] = args.audio_encoder_path
     model = api.build_model(args.flavor, **overrides)
@@ -147,6 +151,7 @@ def main(argv: Optional[list] = None) -> None:
         max_audio_seconds=args.max_audio_seconds,
         min_audio_seconds=args.min_audio_seconds,
         seed=args.seed,
+        cuda_graphs=args.cuda_graphs,
     )
     writer = torch.distributed.get_rank() == 0
     records = read_prompts(args)

@@ -35,6 +35,7 @@ gloo, which is how the CPU tests check PP = 2 against PP = 1.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -46,6 +47,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron_ualm.codebooks.delay import delayed_length
 from megatron_ualm.inference.prompt import Prompt, Segment, empty_condition_prompt, parse_response
 from megatron_ualm.inference.sampling import SamplingParams, guide, sample
+from megatron_ualm.inference.static_cache import DecodeGraph, StaticKVCache
 from megatron_ualm.vocab import SPECIAL_TOKENS, UALMVocab
 
 TEXT, AUDIO, DONE = 0, 1, 2
@@ -69,6 +71,10 @@ class GenerationParams:
         seed: sampling seed (the same on every TP rank).
         kv_cache: decode with the KV cache; False recomputes the whole sequence every step
             (a reference for tests).
+        static_cache: keep keys and values in fixed-shape buffers (``static_cache.py``)
+            instead of Megatron's ``StaticInferenceContext``; needs the local spec.
+        cuda_graphs: capture the decode step once as a CUDA graph and replay it (GPU, local
+            spec, PP = 1; implies ``static_cache``).
         output_scores: keep the logits each step chose from (tests, inspection).
     """
 
@@ -82,6 +88,8 @@ class GenerationParams:
     stop_at_eot: bool = False
     seed: int = 0
     kv_cache: bool = True
+    static_cache: bool = False
+    cuda_graphs: bool = False
     output_scores: bool = False
 
     def __post_init__(self) -> None:
@@ -91,6 +99,8 @@ class GenerationParams:
             raise ValueError(f"min_audio_seconds={self.min_audio_seconds} > max_audio_seconds={self.max_audio_seconds}")
         if self.max_new_tokens < 1 or self.max_audio_segments < 0:
             raise ValueError("max_new_tokens must be >= 1 and max_audio_segments >= 0")
+        if (self.static_cache or self.cuda_graphs) and not self.kv_cache:
+            raise ValueError("static_cache / cuda_graphs are ways to keep the KV cache: they need kv_cache=True")
 
 
 @dataclass
@@ -166,7 +176,7 @@ class Generator:
         self._audio_end[v.audio_flush] = True
 
     # ------------------------------------------------------------------ model calls
-    def _forward(self, tokens, codes, mask, features, lengths, context):
+    def _forward(self, tokens, codes, mask, features, lengths, context, position_ids=None):
         """One forward of this stage; the last stage returns the last position's logits
         ``([N, V], [N, K, card])``, the others ``(None, None)``."""
         if not self.first:
@@ -179,6 +189,7 @@ class Generator:
         out = self.model(
             input_ids=tokens,
             codes=codes,
+            position_ids=position_ids,
             attention_mask=mask,
             audio_in_features=features,
             audio_in_lengths=lengths,
@@ -270,48 +281,71 @@ class Generator:
         scores: list[list] = [[] for _ in range(B)]
         generator = torch.Generator(device=dev).manual_seed(params.seed)
 
-        context = StaticInferenceContext(N, total) if params.kv_cache else None
-        pos = L  # next position to write
-        text_logits, code_logits = self._forward(
-            tokens[:, :L], codes[:, :, :L], self._mask(valid[:, :L], L, padded), features, lengths, context
-        )
-        if context is not None:
-            context.sequence_len_offset += L
-
-        while pos < total and any(st.mode != DONE for st in state):
-            if self.last:
-                picks = self._choose(text_logits, code_logits, state, params, min_frames, generator, scores)
-            else:
-                picks = torch.empty((B, 3 + K), dtype=torch.long, device=dev)
-            picks = self._broadcast(picks).tolist()
-
-            col_tok, col_codes = [v.pad] * B, [[v.code_empty] * K for _ in range(B)]
-            for r, st in enumerate(state):
-                if st.mode == DONE:
-                    continue
-                tok, cells = self._advance(st, picks[r], params, max_frames)
-                col_tok[r] = tok
-                if cells is not None:
-                    col_codes[r] = cells
-            reps = 2 if cfg else 1
-            new_tok = torch.tensor(col_tok * reps, dtype=torch.long).to(dev, non_blocking=True)  # [N]
-            new_codes = torch.tensor(col_codes * reps, dtype=torch.long).to(dev, non_blocking=True)  # [N, K]
-            tokens[:, pos] = new_tok
-            codes[:, :, pos] = new_codes
-            valid[:, pos] = True
-            pos += 1
-            if all(st.mode == DONE for st in state) or pos >= total:
-                break
+        static = params.static_cache or params.cuda_graphs
+        if params.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs the model on a GPU (static_cache=True runs the same decode eagerly)")
+        if params.cuda_graphs and not (self.first and self.last):
+            raise ValueError("CUDA-graph decoding runs the whole model per rank: use pipeline_model_parallel_size=1")
+        cache = StaticKVCache(N, total, dev) if static else None
+        context = StaticInferenceContext(N, total) if params.kv_cache and not static else None
+        with cache.attached(self.model) if cache is not None else contextlib.nullcontext():
+            pos = L  # next position to write
+            text_logits, code_logits = self._forward(
+                tokens[:, :L], codes[:, :, :L], self._mask(valid[:, :L], L, padded), features, lengths, context
+            )
             if context is not None:
-                text_logits, code_logits = self._forward(
-                    tokens[:, pos - 1 : pos], codes[:, :, pos - 1 : pos],
-                    self._mask(valid[:, :pos], 1, padded), None, None, context,
-                )
-                context.sequence_len_offset += 1
-            else:
-                text_logits, code_logits = self._forward(
-                    tokens[:, :pos], codes[:, :, :pos], self._mask(valid[:, :pos], pos, padded), features, lengths, None
-                )
+                context.sequence_len_offset += L
+            if cache is not None:
+                cache.prefilled(valid[:, :L])
+                # Decode inputs live in fixed buffers, so a captured step reads each new column.
+                in_tok = torch.empty((N, 1), dtype=torch.long, device=dev)
+                in_codes = torch.empty((N, K, 1), dtype=torch.long, device=dev)
+
+                def step():
+                    return self._forward(in_tok, in_codes, cache.mask, None, None, None, cache.positions)
+
+                if params.cuda_graphs:
+                    step = DecodeGraph(step)
+
+            while pos < total and any(st.mode != DONE for st in state):
+                if self.last:
+                    picks = self._choose(text_logits, code_logits, state, params, min_frames, generator, scores)
+                else:
+                    picks = torch.empty((B, 3 + K), dtype=torch.long, device=dev)
+                picks = self._broadcast(picks).tolist()
+
+                col_tok, col_codes = [v.pad] * B, [[v.code_empty] * K for _ in range(B)]
+                for r, st in enumerate(state):
+                    if st.mode == DONE:
+                        continue
+                    tok, cells = self._advance(st, picks[r], params, max_frames)
+                    col_tok[r] = tok
+                    if cells is not None:
+                        col_codes[r] = cells
+                reps = 2 if cfg else 1
+                new_tok = torch.tensor(col_tok * reps, dtype=torch.long).to(dev, non_blocking=True)  # [N]
+                new_codes = torch.tensor(col_codes * reps, dtype=torch.long).to(dev, non_blocking=True)  # [N, K]
+                tokens[:, pos] = new_tok
+                codes[:, :, pos] = new_codes
+                valid[:, pos] = True
+                pos += 1
+                if all(st.mode == DONE for st in state) or pos >= total:
+                    break
+                if cache is not None:
+                    in_tok.copy_(tokens[:, pos - 1 : pos])
+                    in_codes.copy_(codes[:, :, pos - 1 : pos])
+                    cache.advance(pos - 1)
+                    text_logits, code_logits = step()
+                elif context is not None:
+                    text_logits, code_logits = self._forward(
+                        tokens[:, pos - 1 : pos], codes[:, :, pos - 1 : pos],
+                        self._mask(valid[:, :pos], 1, padded), None, None, context,
+                    )
+                    context.sequence_len_offset += 1
+                else:
+                    text_logits, code_logits = self._forward(
+                        tokens[:, :pos], codes[:, :, :pos], self._mask(valid[:, :pos], pos, padded), features, lengths, None
+                    )
 
         out = []
         for r, p in enumerate(prompts):

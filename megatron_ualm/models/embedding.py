@@ -117,6 +117,10 @@ class UALMEmbedding(MegatronModule):
         self, emb: torch.Tensor, input_ids: torch.Tensor, audio_embeds: Optional[torch.Tensor]
     ) -> torch.Tensor:
         """Writes ``audio_embeds`` over the placeholders that fall in this rank's ``emb``."""
+        if audio_embeds is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # A captured decode step (inference/static_cache.py) cannot count placeholders (a
+            # host sync); the generator never writes <|audio_in|>, so there is nothing to check.
+            return emb
         sample_idx, pos_idx = (input_ids == self.vocab.audio_in).nonzero(as_tuple=True)
         n = sample_idx.numel()
         got = 0 if audio_embeds is None else audio_embeds.shape[0]

@@ -65,13 +65,21 @@ def test_kv_cache_equals_recomputation_mixed_batch_with_cfg(generator):
                               max_audio_seconds=0.2, min_audio_seconds=0.1, seed=7, output_scores=True)
     cached = generator.generate(prompts, params)
     full = generator.generate(prompts, dataclasses.replace(params, kv_cache=False))
-    for a, b in zip(cached, full):
+    # The fixed-shape cache (what a CUDA graph replays) decodes the same replies.
+    static = generator.generate(prompts, dataclasses.replace(params, static_cache=True))
+    for a, b, c in zip(cached, full, static):
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.codes, b.codes)
-        assert len(a.scores) == len(b.scores) > 0
-        for (ta, ca), (tb, cb) in zip(a.scores, b.scores):
+        assert torch.equal(a.tokens, c.tokens) and torch.equal(a.codes, c.codes)
+        assert len(a.scores) == len(b.scores) == len(c.scores) > 0
+        for (ta, ca), (tb, cb), (tc, cc) in zip(a.scores, b.scores, c.scores):
             torch.testing.assert_close(ta, tb, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(ca, cb, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(tc, tb, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(cc, cb, atol=1e-4, rtol=1e-4)
     assert cached[0].audio and 5 <= cached[0].audio[0].shape[1] <= 10
+    # The cache's wrappers come off again.
+    assert all(type(layer.self_attention.core_attention).__name__ == "DotProductAttention"
+               for layer in generator.model.decoder.layers)
 
 
 def test_left_padding_does_not_change_a_prompt(generator):
@@ -169,3 +177,11 @@ def test_state_machine_switches_modality_and_flushes_the_delay(generator):
     assert [s.modality for s in segs] == ["audio", "text"]
     assert segs[0].codes.shape == (K, 3) and torch.equal(segs[0].codes[:, 0], torch.tensor(cells))
     assert segs[1].text == [5, 6] and segs[1].terminator == "<|eos|>"
+
+
+def test_cuda_graphs_and_static_cache_refuse_what_they_cannot_run(generator):
+    prompt = [build_prompt([text_msg([1, 2, 3])], generator.vocab, modality="audio")]
+    with pytest.raises(ValueError, match="GPU"):
+        generator.generate(prompt, GenerationParams(cuda_graphs=True, **FIXED))
+    with pytest.raises(ValueError, match="kv_cache=True"):
+        GenerationParams(static_cache=True, kv_cache=False)
