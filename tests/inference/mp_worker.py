@@ -8,6 +8,7 @@ replies.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -55,6 +56,10 @@ def main():
                               cfg_weight=3.0, max_new_tokens=10, max_audio_seconds=0.2, min_audio_seconds=0.1, seed=11,
                               output_scores=True)
     out = Generator(model).generate(batch(model, model.vocab), params)
+    # The fixed-shape cache decodes the same replies under TP / PP as well.
+    static = Generator(model).generate(batch(model, model.vocab), dataclasses.replace(params, static_cache=True))
+    for a, b in zip(out, static):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.codes, b.codes), "static cache differs"
     replies = [g.tokens.tolist() + g.codes.flatten().tolist() for g in out]
     everyone = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, replies)
