@@ -38,10 +38,11 @@ def main() -> None:
     p.add_argument("--cfg-weight", type=float, default=3.0)
     p.add_argument("--no-cfg", action="store_true")
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--transformer-impl", choices=["local", "transformer_engine"])
+    p.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
+                   help="decoder backend (TE's causal attention ignores the padding mask CFG needs)")
     p.add_argument("--static-cache", action="store_true", help="fixed-shape KV cache (inference/static_cache.py)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="capture the decode step as a CUDA graph (GPU; implies --static-cache and the local spec)")
+                   help="capture the decode step as a CUDA graph (GPU, local spec; implies --static-cache)")
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="also write the results here")
@@ -54,10 +55,7 @@ def main() -> None:
 
     api.initialize_parallel()
     overrides = dict(bf16=True) if args.bf16 else {}
-    if args.transformer_impl:
-        overrides["transformer_impl"] = args.transformer_impl
-    elif args.static_cache or args.cuda_graphs:
-        overrides["transformer_impl"] = "local"  # the static cache wraps the local attention
+    overrides["transformer_impl"] = args.transformer_impl
     budget = args.prompt_tokens + 16 + max(args.text_tokens, int(args.audio_seconds * 50) + 16)
     overrides["max_sequence_length"] = max(budget, 512)
     model = api.build_model(args.flavor, **overrides).eval()

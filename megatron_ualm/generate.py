@@ -46,8 +46,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     m.add_argument("--tensor-model-parallel-size", type=int, default=1)
     m.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     m.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
-    m.add_argument("--transformer-impl", choices=["local", "transformer_engine"],
-                   help="decoder backend (default: TE where available)")
+    m.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
+                   help="decoder backend (default local: its attention applies the padding mask that "
+                        "batches of mixed prompt lengths and CFG need; TE-trained checkpoints load into it)")
     m.add_argument("--tokenizer", required=True, help="tokenizer.json, a directory holding one, or a sentencepiece .model")
     m.add_argument("--codec", help="local X-Codec checkpoint directory (audio out -> WAV); without it codes are saved")
     m.add_argument("--codec-name", default="xcodec", help="codec registry name or package.module:ClassName")
@@ -78,7 +79,7 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     s.add_argument("--min-audio-seconds", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cuda-graphs", action="store_true",
-                   help="replay each decode step from a CUDA graph (GPU, PP=1; selects the local spec)")
+                   help="replay each decode step from a CUDA graph (GPU, PP=1, local spec)")
     args = p.parse_args(argv)
     if not args.load and not args.random_init:
         p.error("give --load CHECKPOINT, or --random-init for a randomly initialised model")
@@ -129,10 +130,7 @@ def main(argv: Optional[list] = None) -> None:
     overrides = {}
     if args.bf16:
         overrides["bf16"] = True
-    if args.transformer_impl:
-        overrides["transformer_impl"] = args.transformer_impl
-    elif args.cuda_graphs:
-        overrides["transformer_impl"] = "local"  # the graphed decode wraps the local attention
+    overrides["transformer_impl"] = args.transformer_impl
     if args.audio_encoder_path:
         overrides["audio_encoder_path"] = args.audio_encoder_path
     model = api.build_model(args.flavor, **overrides)

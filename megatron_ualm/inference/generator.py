@@ -43,6 +43,7 @@ from typing import Optional, Sequence
 import torch
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_ualm.codebooks.delay import delayed_length
 from megatron_ualm.inference.prompt import Prompt, Segment, empty_condition_prompt, parse_response
@@ -158,6 +159,11 @@ class Generator:
             raise ValueError("generation runs one model chunk per rank: build it without a virtual pipeline")
         self.model = model
         self.first, self.last = model.pre_process, model.post_process
+        # Megatron's local attention applies the explicit [N, 1, q, sk] mask that hides left
+        # padding; TE's (built with a causal mask type) ignores explicit masks.
+        self._masks_padding = all(
+            isinstance(layer.self_attention.core_attention, DotProductAttention) for layer in model.decoder.layers
+        )
         self.config = model.config
         self.vocab: UALMVocab = model.vocab
         self.device = next(model.parameters()).device
@@ -272,6 +278,13 @@ class Generator:
                 feats.append(p.audio_in_features)
                 lens.append(p.audio_in_lengths)
         padded = any(len(p) < L for p in rows)  # generated columns are never padding
+        if padded and not self._masks_padding:
+            raise ValueError(
+                "prompts of different lengths (CFG's unconditional rows included) are left-padded and "
+                "need a padding mask, which Transformer Engine's causal attention ignores: build the "
+                "model with transformer_impl='local' for generation (checkpoints trained with TE load "
+                "into it), or decode prompts of one length without CFG"
+            )
         features = torch.cat(feats).to(dev) if feats else None
         lengths = torch.cat(lens).to(dev) if lens else None
 

@@ -185,3 +185,12 @@ def test_cuda_graphs_and_static_cache_refuse_what_they_cannot_run(generator):
         generator.generate(prompt, GenerationParams(cuda_graphs=True, **FIXED))
     with pytest.raises(ValueError, match="kv_cache=True"):
         GenerationParams(static_cache=True, kv_cache=False)
+    # A decoder whose attention ignores explicit masks (TE's, built causal) refuses padded batches.
+    from megatron_ualm.inference import Generator
+
+    blind = Generator(generator.model)
+    assert blind._masks_padding  # the local spec applies the mask
+    blind._masks_padding = False
+    with pytest.raises(ValueError, match="transformer_impl='local'"):
+        blind.generate(prompt, GenerationParams(cfg_weight=3.0, **FIXED))
+    blind.generate(prompt, GenerationParams(cfg_weight=None, **FIXED))  # one length, no CFG: no padding
