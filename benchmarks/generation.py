@@ -31,6 +31,9 @@ import torch
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--flavor", default="debug")
+    p.add_argument("--num-layers", type=int,
+                   help="override the flavor's layer count (debug width + 28 layers = the host-side cost of "
+                        "a Qwen2.5-1.5B decode step without its GPU work)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--audio-seconds", type=float, default=2.0)
     p.add_argument("--text-tokens", type=int, default=64)
@@ -56,6 +59,8 @@ def main() -> None:
     api.initialize_parallel()
     overrides = dict(bf16=True) if args.bf16 else {}
     overrides["transformer_impl"] = args.transformer_impl
+    if args.num_layers:
+        overrides["num_layers"] = args.num_layers
     budget = args.prompt_tokens + 16 + max(args.text_tokens, int(args.audio_seconds * 50) + 16)
     overrides["max_sequence_length"] = max(budget, 512)
     model = api.build_model(args.flavor, **overrides).eval()
@@ -111,20 +116,24 @@ def main() -> None:
                             audio_s_per_s=audio_s / sec, steps_per_s=steps / sec, realtime_x=audio_s / sec))
         sec, out = timed(prompts(b, "text"), text_params)
         toks = sum(len(g.tokens) for g in out)
-        results.append(dict(kind="text", batch=b, seconds=sec, tokens=toks, tokens_per_s=toks / sec))
+        steps = max(len(g.tokens) for g in out)
+        results.append(dict(kind="text", batch=b, seconds=sec, tokens=toks, tokens_per_s=toks / sec,
+                            steps_per_s=steps / sec))
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU x{args.threads} thread(s)"
     cache = "cuda-graphs" if args.cuda_graphs else "static" if args.static_cache else "megatron"
-    print(f"flavor={args.flavor} device={name} bf16={args.bf16} impl={model.config.transformer_impl} kv-cache={cache} "
+    print(f"flavor={args.flavor} layers={model.config.num_layers} device={name} bf16={args.bf16} "
+          f"impl={model.config.transformer_impl} kv-cache={cache} "
           f"prompt={args.prompt_tokens} tokens, audio={args.audio_seconds} s, K={K}")
-    print("| kind | batch | CFG | wall s | audio s / s (x real time) | text tokens / s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| kind | batch | CFG | wall s | audio s / s (x real time) | text tokens / s | ms / decode step |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
+        ms = 1000 / r["steps_per_s"]
         if r["kind"] == "audio":
             print(f"| audio | {r['batch']} | {'w=%g' % args.cfg_weight if r['cfg'] else 'off'} | {r['seconds']:.2f} | "
-                  f"{r['audio_s_per_s']:.2f} | |")
+                  f"{r['audio_s_per_s']:.2f} | | {ms:.1f} |")
         else:
-            print(f"| text | {r['batch']} | off | {r['seconds']:.2f} | | {r['tokens_per_s']:.1f} |")
+            print(f"| text | {r['batch']} | off | {r['seconds']:.2f} | | {r['tokens_per_s']:.1f} | {ms:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(flavor=args.flavor, device=name, bf16=args.bf16, kv_cache=cache, results=results), f, indent=2)
