@@ -43,6 +43,7 @@ def initialize_parallel(
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: float = 10.0,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
 ) -> None:
     """Initialises torch.distributed (if needed), Megatron's parallel groups and RNG.
 
@@ -55,6 +56,8 @@ def initialize_parallel(
         pipeline_model_parallel_size: PP size.
         seed: base seed for Megatron's model-parallel RNG tracker.
         timeout_minutes: collective timeout; keep it small in tests so a deadlock fails fast.
+        virtual_pipeline_model_parallel_size: model chunks per pipeline rank (interleaved
+            schedule); build one model per chunk with ``build_model(..., vp_stage=i)``.
     """
     cpu_compat.apply()
     if not torch.distributed.is_initialized():
@@ -74,6 +77,7 @@ def initialize_parallel(
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
             distributed_timeout_minutes=int(max(1, timeout_minutes)),
         )
     torch.manual_seed(seed)

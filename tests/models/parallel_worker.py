@@ -4,10 +4,11 @@
 micro-batches through Megatron's schedule, saves the weights and the gradients as
 distributed checkpoints and the per-micro-batch loss reports.
 
-``parallel`` (world tp * pp): builds the model at the requested TP/PP/SP, loads the
-reference weights (dist_checkpointing reshards them), runs the same step, then loads the
-reference gradients *into its own shard layout* and compares shard by shard, and compares the
-loss reports on the last stage. Writes a JSON summary.
+``parallel`` (world tp * pp): builds the model at the requested TP/PP/SP (with ``--vp``, one
+chunk per virtual stage and Megatron's interleaved schedule), loads the reference weights
+(dist_checkpointing reshards them), runs the same step, then loads the reference gradients
+*into its own shard layout* and compares shard by shard, and compares the loss reports on the
+last stage. Writes a JSON summary.
 """
 
 import argparse
@@ -30,7 +31,9 @@ SEQ, MICRO_BATCHES = 64, 2
 
 
 def build(args):
-    api.initialize_parallel(args.tp, args.pp, seed=1234, timeout_minutes=2)
+    """The model chunks of this rank (one without a virtual pipeline) and their DDP wrappers."""
+    vp = args.vp if args.vp > 1 else None
+    api.initialize_parallel(args.tp, args.pp, seed=1234, timeout_minutes=2, virtual_pipeline_model_parallel_size=vp)
     overrides = dict(
         sequence_parallel=args.sp,
         share_embeddings_and_output_weights=args.tied,
@@ -40,23 +43,30 @@ def build(args):
     )
     if args.recompute:
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    model = api.build_model("debug", **overrides)
-    model.config.finalize_model_grads_func = finalize_model_grads
-    ddp = DistributedDataParallel(
-        model.config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False),
-        model,
-    )
-    return model, ddp
+    if vp:
+        overrides.update(virtual_pipeline_model_parallel_size=vp)
+    chunks = [api.build_model("debug", vp_stage=i if vp else None, **overrides) for i in range(vp or 1)]
+    ddps = []
+    for i, model in enumerate(chunks):
+        model.config.finalize_model_grads_func = finalize_model_grads
+        ddps.append(DistributedDataParallel(
+            model.config,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False),
+            model,
+            disable_bucketing=i > 0,
+        ))
+    return chunks, ddps
 
 
-def train_step(model, ddp):
-    batches = [mixed_batch(model.config, SEQ, seed=10 + i) for i in range(MICRO_BATCHES)]
-    ddp.zero_grad_buffer()
+def train_step(chunks, ddps):
+    batches = [mixed_batch(chunks[0].config, SEQ, seed=10 + i) for i in range(MICRO_BATCHES)]
+    for ddp in ddps:
+        ddp.zero_grad_buffer()
     reports = get_forward_backward_func()(
         forward_step_func=api.forward_step,
-        data_iterator=iter(batches),
-        model=[ddp],
+        # Each chunk reads the micro-batches from its own iterator, in the same order.
+        data_iterator=[iter(batches) for _ in ddps] if len(ddps) > 1 else iter(batches),
+        model=ddps,
         num_microbatches=MICRO_BATCHES,
         seq_length=SEQ,
         micro_batch_size=batches[0].tokens.shape[0],
@@ -65,11 +75,19 @@ def train_step(model, ddp):
     return [{k: v.tolist() for k, v in r.items()} for r in reports]
 
 
-def grad_state_dict(model):
-    """The model's sharded state dict with every parameter's tensor replaced by its grad."""
-    by_ptr = {p.data_ptr(): p for p in model.parameters() if p.requires_grad}
+def sharded_state_dict(chunks):
+    """One sharded state dict for all this rank's chunks (``chunk{i}.`` prefixes keep the
+    local names apart; the sharded tensors carry their global checkpoint keys), so that one
+    ``dist_checkpointing`` call sees every layer of the rank, as Megatron-LM's ``model0``,
+    ``model1`` ... entries do."""
+    return {f"chunk{i}.{key}": sh for i, model in enumerate(chunks) for key, sh in model.sharded_state_dict().items()}
+
+
+def grad_state_dict(chunks):
+    """The chunks' sharded state dict with every parameter's tensor replaced by its grad."""
+    by_ptr = {p.data_ptr(): p for model in chunks for p in model.parameters() if p.requires_grad}
     out = {}
-    for key, sh in model.sharded_state_dict().items():
+    for key, sh in sharded_state_dict(chunks).items():
         # Gated MLP weights come as a factory that saves the gate and up halves separately.
         if not isinstance(sh, (ShardedTensor, ShardedTensorFactory)) or sh.data is None:
             continue
@@ -86,31 +104,34 @@ def main():
     p.add_argument("--dir", required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vp", type=int, default=1, help="virtual pipeline stages (model chunks) per rank")
     p.add_argument("--sp", action="store_true")
     p.add_argument("--tied", action="store_true")
     p.add_argument("--recompute", action="store_true")
     p.add_argument("--tag", default="run")
     args = p.parse_args()
 
-    model, ddp = build(args)
+    chunks, ddps = build(args)
     ref_dir = os.path.join(args.dir, "tied" if args.tied else "untied")
     rank = torch.distributed.get_rank()
 
     if args.mode == "reference":
         for sub in ("model", "grads"):
             os.makedirs(os.path.join(ref_dir, sub), exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), os.path.join(ref_dir, "model"))
-        reports = train_step(model, ddp)
-        dist_checkpointing.save(grad_state_dict(model), os.path.join(ref_dir, "grads"))
+        dist_checkpointing.save(sharded_state_dict(chunks), os.path.join(ref_dir, "model"))
+        reports = train_step(chunks, ddps)
+        dist_checkpointing.save(grad_state_dict(chunks), os.path.join(ref_dir, "grads"))
         with open(os.path.join(ref_dir, "reports.json"), "w") as f:
             json.dump(reports, f)
         api.destroy_parallel()
         return
 
-    loaded = dist_checkpointing.load(model.sharded_state_dict(), os.path.join(ref_dir, "model"))
-    model.load_state_dict(loaded, strict=False)
-    reports = train_step(model, ddp)
-    mine = grad_state_dict(model)
+    loaded = dist_checkpointing.load(sharded_state_dict(chunks), os.path.join(ref_dir, "model"))
+    for i, model in enumerate(chunks):
+        prefix = f"chunk{i}."
+        model.load_state_dict({k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}, strict=False)
+    reports = train_step(chunks, ddps)
+    mine = grad_state_dict(chunks)
     template = {k: dataclasses.replace(v, data=torch.empty_like(v.data)) for k, v in mine.items()}
     reference = dist_checkpointing.load(template, os.path.join(ref_dir, "grads"))
     max_diff, max_ref = 0.0, 0.0
@@ -118,7 +139,7 @@ def main():
         ref = reference[key]
         max_diff = max(max_diff, (sh.data - ref).abs().max().item())
         max_ref = max(max_ref, ref.abs().max().item())
-    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    trainable = sum(1 for model in chunks for p in model.parameters() if p.requires_grad)
     stats = torch.tensor([max_diff, float(len(mine)), float(trainable)])
     torch.distributed.all_reduce(stats[:1], op=torch.distributed.ReduceOp.MAX)
     torch.distributed.all_reduce(stats[1:], op=torch.distributed.ReduceOp.SUM)

@@ -39,13 +39,15 @@ CASES = {
     "tp2pp2": dict(tp=2, pp=2),
     "tp2-sp-recompute": dict(tp=2, pp=1, sp=True, recompute=True),
     "tp2pp2-sp-tied": dict(tp=2, pp=2, sp=True, tied=True),
+    "pp2-vp2-tied": dict(tp=1, pp=2, vp=2, tied=True),  # interleaved schedule, one layer per chunk
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_parallel_matches_single_process(reference_dir, name):
     case = CASES[name]
-    args = ["parallel", "--dir", reference_dir, "--tag", name, "--tp", str(case["tp"]), "--pp", str(case["pp"])]
+    args = ["parallel", "--dir", reference_dir, "--tag", name, "--tp", str(case["tp"]), "--pp", str(case["pp"]),
+            "--vp", str(case.get("vp", 1))]
     args += [f"--{flag}" for flag in ("sp", "tied", "recompute") if case.get(flag)]
     launch(case["tp"] * case["pp"], *args)
     with open(os.path.join(reference_dir, f"{name}.json")) as f:
