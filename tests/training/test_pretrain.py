@@ -1,8 +1,8 @@
 """The pretraining entry point on Megatron's loop, on CPU with gloo.
 
 One uninterrupted TP=1 run is the reference. Resuming it from its iteration-3 checkpoint
-reproduces iterations 4..6 exactly (same TP), or to float32 rounding at TP=2 and at PP=2
-(the checkpoint is resharded by dist_checkpointing); a run killed in the middle of writing
+reproduces iterations 4..6 exactly (same TP), or to float32 rounding at TP=2, at PP=2 and at
+PP=2 with two virtual stages per rank (the checkpoint is resharded by dist_checkpointing); a run killed in the middle of writing
 a checkpoint resumes from the previous one.
 """
 
@@ -93,8 +93,11 @@ def test_resume_same_tp_is_exact(reference, tmp_path):
         assert got[it]["codebook_3 loss"] == ref[it]["codebook_3 loss"]
 
 
-@pytest.mark.parametrize("parallel", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
-                         ids=["tp2", "pp2"])
+@pytest.mark.parametrize("parallel", [
+    ["--tensor-model-parallel-size", "2"],
+    ["--pipeline-model-parallel-size", "2"],
+    ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],  # interleaved
+], ids=["tp2", "pp2", "pp2-vp2"])
 def test_resume_at_other_parallelism_matches(reference, tmp_path, parallel):
     save = resume_dir(reference, str(tmp_path / "ckpt"))
     torchrun(2, *COMMON, *parallel, "--save", save, "--load", save)
