@@ -194,3 +194,16 @@ def test_cuda_graphs_and_static_cache_refuse_what_they_cannot_run(generator):
     with pytest.raises(ValueError, match="transformer_impl='local'"):
         blind.generate(prompt, GenerationParams(cfg_weight=3.0, **FIXED))
     blind.generate(prompt, GenerationParams(cfg_weight=None, **FIXED))  # one length, no CFG: no padding
+
+
+def test_rng_fork_is_skipped_only_while_capturing(generator):
+    from megatron.core import tensor_parallel
+
+    from megatron_ualm.inference.static_cache import _no_rng_fork
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    with _no_rng_fork():
+        assert "fork" in vars(tracker)  # overridden on the instance
+        with tracker.fork():  # a null context: no RNG state is read or set
+            pass
+    assert "fork" not in vars(tracker)  # the tracker's own method again
