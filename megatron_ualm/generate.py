@@ -87,6 +87,13 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
         p.error("give --prompt TEXT or --prompts FILE.jsonl")
     if args.mode == "reflect" and not args.codec:
         p.error("--mode reflect listens to its audio: give --codec")
+    if args.cuda_graphs:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--cuda-graphs needs a GPU")
+        if args.pipeline_model_parallel_size > 1 or args.transformer_impl != "local":
+            p.error("--cuda-graphs runs with --pipeline-model-parallel-size 1 and --transformer-impl local")
     return args
 
 
