@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional, Sequence
 
 import torch
@@ -100,8 +101,18 @@ class GenerationParams:
             raise ValueError(f"min_audio_seconds={self.min_audio_seconds} > max_audio_seconds={self.max_audio_seconds}")
         if self.max_new_tokens < 1 or self.max_audio_segments < 0:
             raise ValueError("max_new_tokens must be >= 1 and max_audio_segments >= 0")
-        if (self.static_cache or self.cuda_graphs) and not self.kv_cache:
+        if self.fixed_shape_cache and not self.kv_cache:
             raise ValueError("static_cache / cuda_graphs are ways to keep the KV cache: they need kv_cache=True")
+
+    @property
+    def fixed_shape_cache(self) -> bool:
+        """Decode over ``StaticKVCache`` (asked for, or needed by the CUDA graph)."""
+        return self.static_cache or self.cuda_graphs
+
+    @cached_property
+    def audio_stop(self) -> SamplingParams:
+        """The stream-0 continue / stop choices inside audio: the audio temperature only."""
+        return SamplingParams(temperature=self.audio.temperature)
 
 
 @dataclass
@@ -294,13 +305,12 @@ class Generator:
         scores: list[list] = [[] for _ in range(B)]
         generator = torch.Generator(device=dev).manual_seed(params.seed)
 
-        static = params.static_cache or params.cuda_graphs
         if params.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a GPU (static_cache=True runs the same decode eagerly)")
         if params.cuda_graphs and not (self.first and self.last):
             raise ValueError("CUDA-graph decoding runs the whole model per rank: use pipeline_model_parallel_size=1")
-        cache = StaticKVCache(N, total, dev) if static else None
-        context = StaticInferenceContext(N, total) if params.kv_cache and not static else None
+        cache = StaticKVCache(N, total, dev) if params.fixed_shape_cache else None
+        context = StaticInferenceContext(N, total) if params.kv_cache and cache is None else None
         with cache.attached(self.model) if cache is not None else contextlib.nullcontext():
             pos = L  # next position to write
             text_logits, code_logits = self._forward(
@@ -400,9 +410,6 @@ class Generator:
             if st.mode == AUDIO and st.step + 1 >= min_frames:
                 cont_mask[r] |= self._audio_end
         ninf = float("-inf")
-        audio_params = SamplingParams(temperature=params.audio.temperature)
-        # Keep top-k within the codebook.
-        code_params = SamplingParams(params.audio.temperature, min(params.audio.top_k, card), params.audio.top_p)
         unused = torch.zeros(B, 1, dtype=torch.long, device=self.device)
         # Stream-0 choices only for the modes present (the full-vocabulary text sampling is
         # the costly one); every TP rank of the last stage skips the same ones.
@@ -410,11 +417,11 @@ class Generator:
             [
                 sample(t_sel.masked_fill(~text_mask, ninf), params.text, generator)[:, None]
                 if TEXT in mode_list else unused,
-                sample(t_sel.masked_fill(~cont_mask, ninf), audio_params, generator)[:, None]
+                sample(t_sel.masked_fill(~cont_mask, ninf), params.audio_stop, generator)[:, None]
                 if AUDIO in mode_list else unused,
-                sample(t_sel.masked_fill(~self._terminators, ninf), audio_params, generator)[:, None]
+                sample(t_sel.masked_fill(~self._terminators, ninf), params.audio_stop, generator)[:, None]
                 if AUDIO in mode_list else unused,
-                sample(c_sel.reshape(B * K, card), code_params, generator).view(B, K),
+                sample(c_sel.reshape(B * K, card), params.audio, generator).view(B, K),  # top-k >= card keeps all
             ],
             dim=1,
         )  # [B, 3 + K]

@@ -55,9 +55,10 @@ def main():
     params = GenerationParams(text=SamplingParams(temperature=1.0, top_k=40), audio=SamplingParams(temperature=1.0, top_k=20),
                               cfg_weight=3.0, max_new_tokens=10, max_audio_seconds=0.2, min_audio_seconds=0.1, seed=11,
                               output_scores=True)
-    out = Generator(model).generate(batch(model, model.vocab), params)
+    generator = Generator(model)
+    out = generator.generate(batch(model, model.vocab), params)
     # The fixed-shape cache decodes the same replies under TP / PP as well.
-    static = Generator(model).generate(batch(model, model.vocab), dataclasses.replace(params, static_cache=True))
+    static = generator.generate(batch(model, model.vocab), dataclasses.replace(params, static_cache=True))
     for a, b in zip(out, static):
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.codes, b.codes), "static cache differs"
     replies = [g.tokens.tolist() + g.codes.flatten().tolist() for g in out]
