@@ -44,12 +44,11 @@ from typing import Optional, Sequence
 import torch
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_ualm.codebooks.delay import delayed_length
 from megatron_ualm.inference.prompt import Prompt, Segment, empty_condition_prompt, parse_response
 from megatron_ualm.inference.sampling import SamplingParams, guide, sample
-from megatron_ualm.inference.static_cache import DecodeGraph, StaticKVCache
+from megatron_ualm.inference.static_cache import DecodeGraph, StaticKVCache, has_local_attention
 from megatron_ualm.vocab import SPECIAL_TOKENS, UALMVocab
 
 TEXT, AUDIO, DONE = 0, 1, 2
@@ -170,11 +169,8 @@ class Generator:
             raise ValueError("generation runs one model chunk per rank: build it without a virtual pipeline")
         self.model = model
         self.first, self.last = model.pre_process, model.post_process
-        # Megatron's local attention applies the explicit [N, 1, q, sk] mask that hides left
-        # padding; TE's (built with a causal mask type) ignores explicit masks.
-        self._masks_padding = all(
-            isinstance(layer.self_attention.core_attention, DotProductAttention) for layer in model.decoder.layers
-        )
+        # Left padding is hidden by an explicit mask, which only the local attention applies.
+        self._masks_padding = has_local_attention(model)
         self.config = model.config
         self.vocab: UALMVocab = model.vocab
         self.device = next(model.parameters()).device

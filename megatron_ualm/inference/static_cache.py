@@ -31,6 +31,12 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 
+def has_local_attention(model) -> bool:
+    """Whether every layer of this stage runs Megatron's local ``DotProductAttention``, which
+    applies an explicit ``[N, 1, q, sk]`` mask (TE's, built with a causal mask type, ignores it)."""
+    return all(isinstance(layer.self_attention.core_attention, DotProductAttention) for layer in model.decoder.layers)
+
+
 class _CachedCoreAttention(torch.nn.Module):
     """One layer's core attention over the cache (same call signature as the module it wraps)."""
 
@@ -84,13 +90,12 @@ class StaticKVCache:
     @contextlib.contextmanager
     def attached(self, model):
         """Routes the core attention of every layer of this stage through the cache."""
+        if not has_local_attention(model):
+            raise ValueError(
+                "the static KV cache wraps Megatron's local DotProductAttention: build the model with "
+                "transformer_impl='local'"
+            )
         attentions = [layer.self_attention for layer in model.decoder.layers]
-        for attn in attentions:
-            if type(attn.core_attention) is not DotProductAttention:
-                raise ValueError(
-                    f"the static KV cache wraps Megatron's local DotProductAttention, not "
-                    f"{type(attn.core_attention).__name__}: build the model with transformer_impl='local'"
-                )
         originals = [attn.core_attention for attn in attentions]
         self._layers = [_CachedCoreAttention(core, self) for core in originals]
         try:
