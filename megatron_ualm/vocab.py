@@ -18,7 +18,10 @@ checkpoint (Qwen2.5: 151665 tokenizer ids, 151936 / 152064 embedding rows) where
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -156,3 +159,98 @@ class UALMVocab:
         """
         offsets = torch.arange(self.num_codebooks, device=codes.device) * self.codebook_size
         return codes.clamp(max=self.codebook_size - 1) + offsets[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# The token-id layout as data: what a checkpoint or a shard was built with, and its fingerprint.
+#
+# A model's stream-0 ids mean something only together with the tokenizer that produced the text
+# ids, the offset where the specials start (text_vocab_size), the specials' order, and the
+# codebook geometry (K, card). These are stored with every checkpoint and every shard sidecar and
+# compared wherever two of them meet (resume, blend, generation, export), so a tokenizer or a
+# special-token order that changed silently is refused with both sides named.
+
+LAYOUT_VERSION = 1
+
+
+def vocab_layout(
+    tokenizer: Optional[dict] = None,
+    text_vocab_size: Optional[int] = None,
+    num_codebooks: Optional[int] = None,
+    codebook_size: Optional[int] = None,
+) -> dict:
+    """The token-id layout as a plain dict (JSON-able); unknown parts are None.
+
+    Args:
+        tokenizer: ``TextTokenizer.identity()`` (or any dict with ``sha256`` and
+            ``vocab_size``); None when no tokenizer is known (synthetic data, a bare HF dir).
+        text_vocab_size: where the specials start (the model's; shards leave it None).
+        num_codebooks: K (None for data without audio out).
+        codebook_size: card.
+    """
+    tok = None
+    if tokenizer is not None:
+        tok = {"sha256": tokenizer.get("sha256"), "vocab_size": tokenizer.get("vocab_size")}
+    return {
+        "version": LAYOUT_VERSION,
+        "tokenizer": tok,
+        "text_vocab_size": text_vocab_size,
+        "special_tokens": list(SPECIAL_TOKENS),
+        "num_codebooks": num_codebooks,
+        "codebook_size": codebook_size,
+    }
+
+
+def layout_fingerprint(layout: dict) -> str:
+    """A short stable hash of a layout (16 hex digits); key order does not matter."""
+    blob = json.dumps(layout, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def layout_differences(a: dict, b: dict) -> list[str]:
+    """What differs between two layouts, comparing only the parts both sides know.
+
+    Special tokens are append-only (``SPECIAL_TOKENS``): one list extending the other is
+    compatible, any other change is not. A tokenizer's ``vocab_size`` larger than the other
+    side's ``text_vocab_size`` would put text ids on special rows.
+    """
+    out = []
+    ta, tb = a.get("tokenizer"), b.get("tokenizer")
+    if ta and tb and ta.get("sha256") and tb.get("sha256") and ta["sha256"] != tb["sha256"]:
+        out.append(f"tokenizer sha256 {ta['sha256'][:12]}... vs {tb['sha256'][:12]}...")
+    for key in ("text_vocab_size", "num_codebooks", "codebook_size"):
+        if a.get(key) is not None and b.get(key) is not None and a[key] != b[key]:
+            out.append(f"{key} {a[key]} vs {b[key]}")
+    for tok, other in ((ta, b), (tb, a)):
+        if tok and tok.get("vocab_size") and other.get("text_vocab_size") and tok["vocab_size"] > other["text_vocab_size"]:
+            out.append(f"tokenizer has {tok['vocab_size']} ids but text_vocab_size is {other['text_vocab_size']} "
+                       "(text ids would land on special rows)")
+    sa, sb = a.get("special_tokens"), b.get("special_tokens")
+    if sa is not None and sb is not None:
+        n = min(len(sa), len(sb))
+        if list(sa[:n]) != list(sb[:n]):
+            first = next(i for i in range(n) if sa[i] != sb[i])
+            out.append(f"special token {first} is {sa[first]!r} vs {sb[first]!r} (special-token order changed)")
+    return out
+
+
+class VocabMismatch(ValueError):
+    """Two token-id layouts that cannot be used together."""
+
+
+def check_layouts(a: dict, a_name: str, b: dict, b_name: str) -> None:
+    """Raises ``VocabMismatch`` naming both sides and every difference.
+
+    Args:
+        a, b: layouts (``vocab_layout``); either may be None (nothing to compare).
+        a_name, b_name: what each side is, e.g. ``"checkpoint ckpt/iter_0000100"``.
+    """
+    if not a or not b:
+        return
+    diffs = layout_differences(a, b)
+    if diffs:
+        raise VocabMismatch(
+            f"token-id layout mismatch between {a_name} (fingerprint {layout_fingerprint(a)}) and {b_name} "
+            f"(fingerprint {layout_fingerprint(b)}): " + "; ".join(diffs)
+            + ". Use the tokenizer, codec and flavor the checkpoint was trained with, or rebuild the data."
+        )
