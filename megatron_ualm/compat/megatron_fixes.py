@@ -42,7 +42,29 @@ def load_distributed_optimizer_states_without_autograd() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
+def escape_percent_in_docstring_help() -> None:
+    """``ArgumentGroupFactory`` turns config-field docstrings into argparse help texts, and
+    argparse %-formats every help text when printing ``--help``. A docstring with a bare ``%``
+    (0.19: ``--moe-paged-stash-buffer-size-factor-cuda``, "1.10 = 10%") makes ``--help`` die
+    with "unsupported format character". Docstrings are prose, not format strings: escape them."""
+    from megatron.training.argument_utils import ArgumentGroupFactory
+
+    original = ArgumentGroupFactory._build_argparse_kwargs_from_field
+    if getattr(original, "_ualm_escaped", False):
+        return
+
+    def build(self, attribute):
+        kwargs = original(self, attribute)
+        if isinstance(kwargs.get("help"), str):
+            kwargs["help"] = kwargs["help"].replace("%", "%%")
+        return kwargs
+
+    build._ualm_escaped = True
+    ArgumentGroupFactory._build_argparse_kwargs_from_field = build
+
+
 def apply() -> None:
     """Installs every fix in this module."""
     skip_helpers_compilation_when_shipped()
     load_distributed_optimizer_states_without_autograd()
+    escape_percent_in_docstring_help()
