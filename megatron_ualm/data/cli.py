@@ -1,7 +1,8 @@
 """Command lines of the data tools (``tools/*.py`` call these ``main`` functions).
 
-Heavy modules (torch, Megatron-Core, transformers) are imported after argument parsing, so
-``--help`` and argument errors answer at once.
+Heavy modules (torch, Megatron-Core, transformers) are imported after argument parsing, and
+manifests, paths and the output directory are checked before them, so ``--help`` and user
+errors answer at once. A user error ends in one line on stderr saying what to do (exit 2).
 """
 
 from __future__ import annotations
@@ -10,15 +11,25 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
+
+from megatron_ualm.data.tasks import add_task_arguments
 
 
 _EPILOG = """
 Output: <output>/<name>-00000/, -00001/, ... each a shard directory (shard.json sidecar,
-text/codes/audio .bin/.idx streams, rejected.jsonl), plus <output>/<name>.rejected.jsonl.
+text/codes/audio .bin/.idx streams, rejected.jsonl), plus <output>/<name>.rejected.jsonl
+(<name>.task-IIIII-of-NNNNN.rejected.jsonl per task when split), <name>.run.json and, per
+finished task, <name>.task-IIIII-of-NNNNN.json.
 Rerunning the same command resumes: finished shards are kept, a crashed run's partial shard
-is discarded and rewritten. Bad records are skipped and counted unless --strict.
+is discarded and rewritten. Bad records are skipped and counted unless --strict. Errors in
+the command (a missing manifest, a wrong path, an --output of another run) stop at once
+with one line saying what to do (exit 2).
 """
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot work (told to the user in one line)."""
 
 
 def _common(parser: argparse.ArgumentParser, default_per_shard: int) -> None:
@@ -34,6 +45,7 @@ def _common(parser: argparse.ArgumentParser, default_per_shard: int) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad record (default: skip it and record the reason)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_task_arguments(parser)
 
 
 def _audio_root(parser: argparse.ArgumentParser) -> None:
@@ -45,17 +57,55 @@ def _audio_root(parser: argparse.ArgumentParser) -> None:
                              "where installed")
 
 
-def _run(args, family: str, converter: tuple) -> int:
-    from megatron_ualm.data.preprocess import Job, StrictStop, run
+def _check_tokenizer(path: str) -> None:
+    """Loads the tokenizer once, before the heavy imports, to report a wrong path in one line."""
+    from megatron_ualm.data.tokenizer import TextTokenizer
 
-    job = Job(converter=converter, inputs=args.input, output=args.output, name=args.name or family,
-              records_per_shard=args.records_per_shard, workers=args.workers, strict=args.strict,
-              progress=not args.no_progress)
+    valid = "give a tokenizer.json, a directory holding one (e.g. a Qwen2.5 checkpoint), or a sentencepiece .model"
     try:
-        summary = run(job)
+        TextTokenizer(path)
+    except FileNotFoundError as err:
+        raise UsageError(f"--tokenizer: {err}" + ("" if "give a" in str(err) else f"; {valid}")) from None
+    except Exception as err:  # tokenizers / sentencepiece raise plain Exception / RuntimeError on foreign files
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"--tokenizer {path} cannot be read as a tokenizer ({reason}); {valid}") from None
+
+
+def _run(args, family: str, converter: Callable[[], tuple], encode_in_main: Callable[[], Optional[bool]] = lambda: None,
+         precheck: Callable[[], None] = lambda: None) -> int:
+    """Checks the command's inputs, then runs the job (this task of it) and prints its summary.
+
+    Args:
+        args: parsed arguments (``_common``'s).
+        family: default shard name.
+        converter: builds the ``(class, kwargs)`` converter spec (imports the heavy modules).
+        encode_in_main: ``Job.encode_in_main`` (called after ``converter``).
+        precheck: the family's own cheap checks (e.g. the codec directory).
+
+    Returns:
+        0, 1 for a bad record under --strict, 2 for a user error.
+    """
+    from megatron_ualm.data.codec import CodecLoadError
+    from megatron_ualm.data.preprocess import Job, ManifestError, StrictStop, check_output, open_manifests, run
+    from megatron_ualm.data.tasks import OutputConflict, TaskError, resolve_task
+
+    try:
+        task = resolve_task(args.num_tasks, args.task_index)
+        manifests = open_manifests(args.input)
+        check_output(args.output)
+        _check_tokenizer(args.tokenizer)
+        precheck()
+        spec = converter()
+        job = Job(converter=spec, inputs=args.input, output=args.output, name=args.name or family,
+                  records_per_shard=args.records_per_shard, workers=args.workers, strict=args.strict,
+                  progress=not args.no_progress, encode_in_main=encode_in_main())
+        summary = run(job, task=task, manifests=manifests)
     except StrictStop as err:
         print(f"error (--strict): {err}", file=sys.stderr)
         return 1
+    except (ManifestError, OutputConflict, TaskError, CodecLoadError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -74,9 +124,13 @@ def preprocess_text_main(argv: Optional[Sequence[str]] = None) -> int:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(parser, 10000)
     args = parser.parse_args(argv)
-    from megatron_ualm.data.records import TextConverter
 
-    return _run(args, "text", (TextConverter, dict(tokenizer=args.tokenizer)))
+    def converter() -> tuple:
+        from megatron_ualm.data.records import TextConverter
+
+        return TextConverter, dict(tokenizer=args.tokenizer)
+
+    return _run(args, "text", converter)
 
 
 def preprocess_generation_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -95,8 +149,17 @@ def preprocess_generation_main(argv: Optional[Sequence[str]] = None) -> int:
                         help="codec: 'xcodec' (transformers XcodecModel), 'package.module:Class' (a "
                              "megatron_ualm.data.codec.Codec subclass), or 'precomputed' (records carry codes)")
     parser.add_argument("--codec-path", help="local codec checkpoint directory (save_pretrained layout)")
-    parser.add_argument("--codec-device", help="torch device for the codec (default: cuda when available)")
-    parser.add_argument("--codec-batch-size", type=int, default=8, help="clips per codec call (default 8)")
+    parser.add_argument("--codec-device",
+                        help="torch device for the codec (default: cuda when available; 'cuda' becomes the task's "
+                             "own GPU, cuda:LOCAL_RANK, when several are visible)")
+    parser.add_argument("--codec-batch-size", type=int, default=8,
+                        help="clips per codec call (default 8; equal-length clips of a step of 64 records share a "
+                             "call, X-Codec cannot pad)")
+    parser.add_argument("--encode-in-main", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --workers > 1: the workers decode and resample audio, and the main process "
+                             "holds the one codec and encodes their clips in batches (at most 2 x workers steps of "
+                             "64 records in flight). Default: on when the codec runs on CUDA; off on CPU, where "
+                             "each worker encodes with its own codec copy")
     parser.add_argument("--num-codebooks", type=int, help="K to keep (default: the codec's; required for precomputed)")
     parser.add_argument("--codebook-size", type=int, help="codes per codebook (precomputed codes only)")
     parser.add_argument("--frame-rate", type=int, help="codec frames per second (precomputed codes only)")
@@ -104,24 +167,45 @@ def preprocess_generation_main(argv: Optional[Sequence[str]] = None) -> int:
                         help="plan: the rich caption is an assistant text plan before the audio (default); "
                              "condition: it replaces the caption as the user's condition")
     args = parser.parse_args(argv)
-    from megatron_ualm.data.records import GenerationConverter
-
     if args.codec == "precomputed":
         missing = [f"--{n.replace('_', '-')}" for n in ("num_codebooks", "codebook_size", "frame_rate")
                    if getattr(args, n) is None]
         if missing:
             parser.error(f"--codec precomputed needs {', '.join(missing)}")
-        kwargs = dict(codec=None, codec_identity=dict(name="precomputed", num_codebooks=args.num_codebooks,
-                                                       codebook_size=args.codebook_size, frame_rate=args.frame_rate))
-    else:
-        if not args.codec_path:
-            parser.error(f"--codec {args.codec} needs --codec-path")
-        kwargs = dict(codec=dict(name=args.codec, path=args.codec_path, device=args.codec_device,
-                                 num_codebooks=args.num_codebooks))
-    converter = (GenerationConverter, dict(tokenizer=args.tokenizer, rich_caption=args.rich_caption,
-                                           audio_decoder=args.audio_decoder,
-                                           codec_batch_size=args.codec_batch_size, audio_root=_root(args), **kwargs))
-    return _run(args, "generation", converter)
+        if args.encode_in_main:
+            parser.error("--encode-in-main runs a codec; --codec precomputed has none")
+    elif not args.codec_path:
+        parser.error(f"--codec {args.codec} needs --codec-path")
+    device = None
+
+    def precheck() -> None:
+        from megatron_ualm.data.codec import check_checkpoint_dir
+
+        if args.codec == "xcodec":
+            check_checkpoint_dir(args.codec_path, "X-Codec", model_type="xcodec")
+
+    def converter() -> tuple:
+        nonlocal device
+        from megatron_ualm.data.records import GenerationConverter
+        from megatron_ualm.data.tasks import task_device
+
+        if args.codec == "precomputed":
+            kwargs = dict(codec=None, codec_identity=dict(name="precomputed", num_codebooks=args.num_codebooks,
+                                                           codebook_size=args.codebook_size, frame_rate=args.frame_rate))
+        else:
+            device = task_device(args.codec_device)
+            kwargs = dict(codec=dict(name=args.codec, path=args.codec_path, device=device,
+                                     num_codebooks=args.num_codebooks))
+        return GenerationConverter, dict(tokenizer=args.tokenizer, rich_caption=args.rich_caption,
+                                         audio_decoder=args.audio_decoder, codec_batch_size=args.codec_batch_size,
+                                         audio_root=_root(args), **kwargs)
+
+    def encode_in_main() -> Optional[bool]:
+        if args.encode_in_main is not None or device is None:
+            return args.encode_in_main
+        return device.startswith("cuda")
+
+    return _run(args, "generation", converter, encode_in_main, precheck)
 
 
 def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -145,18 +229,20 @@ def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--window-seconds", type=int, default=30,
                         help="encoder window in seconds (default 30; debug flavor 2)")
     args = parser.parse_args(argv)
-    from megatron_ualm.data.audio import AudioInConfig
-    from megatron_ualm.data.records import UnderstandingConverter
 
-    if args.flavor:
-        from megatron_ualm.config import make_config
+    def converter() -> tuple:
+        from megatron_ualm.data.audio import AudioInConfig
+        from megatron_ualm.data.records import UnderstandingConverter
 
-        audio_in = AudioInConfig.from_model_config(make_config(args.flavor))
-    else:
-        audio_in = AudioInConfig(args.n_mels, args.window_seconds)
-    converter = (UnderstandingConverter, dict(tokenizer=args.tokenizer, storage=args.audio_in_storage,
-                                              audio_decoder=args.audio_decoder,
-                                              audio_in=audio_in, audio_root=_root(args)))
+        if args.flavor:
+            from megatron_ualm.config import make_config
+
+            audio_in = AudioInConfig.from_model_config(make_config(args.flavor))
+        else:
+            audio_in = AudioInConfig(args.n_mels, args.window_seconds)
+        return UnderstandingConverter, dict(tokenizer=args.tokenizer, storage=args.audio_in_storage,
+                                            audio_decoder=args.audio_decoder, audio_in=audio_in, audio_root=_root(args))
+
     return _run(args, "understanding", converter)
 
 
@@ -184,9 +270,12 @@ def build_blend_main(argv: Optional[Sequence[str]] = None) -> int:
         if fam not in ("understanding", "generation", "text") or factors[fam] <= 0:
             parser.error(f"--upsample {item!r}: family must be understanding, generation or text, factor > 0")
     from megatron_ualm.data.blend import find_shards, format_table, plan_blend
+    from megatron_ualm.data.tasks import check_complete
 
     try:
-        plan = plan_blend(find_shards(args.shards), factors)
+        shards = find_shards(args.shards)
+        check_complete(shards)  # a run split across tasks blends only when every task finished
+        plan = plan_blend(shards, factors)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -208,24 +297,40 @@ def inspect_shards_main(argv: Optional[Sequence[str]] = None) -> int:
         prog="inspect_shards",
         description="Inspect UALM shards: print records as readable interleaved text/audio "
                     "(<audio-in 12.0 s>, <audio-out 250 frames x 8>), print statistics, and validate "
-                    "(index offsets, value ranges, stream alignment, sidecar consistency). Exits 1 when "
-                    "a shard fails validation.")
+                    "(index offsets, value ranges, stream alignment, sidecar consistency, and that every task "
+                    "of a run split with --num-tasks finished). Exits 1 when a shard fails validation or "
+                    "tasks are missing.")
     parser.add_argument("shards", nargs="+", help="shard directories, output directories holding shards, or globs")
     parser.add_argument("--show", type=int, default=2, help="records to print per shard (default 2)")
     parser.add_argument("--start", type=int, default=0, help="first record to print (default 0)")
     parser.add_argument("--tokenizer", help="decode text with this tokenizer (default: the one in the sidecar, if present)")
-    parser.add_argument("--no-validate", action="store_true", help="skip validation")
+    check = parser.add_mutually_exclusive_group()
+    check.add_argument("--validate", dest="validate", action="store_true", default=True,
+                       help="validate the shards, and that every task of a split run finished (the default)")
+    check.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation")
     args = parser.parse_args(argv)
     from megatron_ualm.data.blend import find_shards
     from megatron_ualm.data.inspect import describe_record, shard_stats, validate_shard
     from megatron_ualm.data.shards import ShardReader
+    from megatron_ualm.data.tasks import IncompleteOutput, check_complete
     from megatron_ualm.data.tokenizer import TextTokenizer
 
+    try:
+        paths = find_shards(args.shards)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    incomplete = []
+    if args.validate:
+        try:
+            check_complete(paths)
+        except IncompleteOutput as err:
+            incomplete = str(err).splitlines()
     failed = 0
     tokenizers: dict = {}
-    for path in find_shards(args.shards):
+    for path in paths:
         print(f"== {path}")
-        problems = [] if args.no_validate else validate_shard(path)
+        problems = validate_shard(path) if args.validate else []
         if problems:
             failed += 1
             print("INVALID:")
@@ -241,6 +346,10 @@ def inspect_shards_main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"-- record {d}")
             print(describe_record(reader.document(d), tokenizers[tok_path],
                                   (reader.meta.get("codec") or {}).get("frame_rate")))
-    if not args.no_validate:
+    if args.validate:
+        for line in incomplete:
+            print(f"INCOMPLETE: {line}")
         print("all shards valid" if not failed else f"{failed} shard(s) INVALID")
-    return 1 if failed else 0
+        if incomplete:
+            print(f"{len(incomplete)} problem(s) with the task split: a blend of these shards is refused")
+    return 1 if failed or incomplete else 0

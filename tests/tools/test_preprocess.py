@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def shards(out: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(out, "*-[0-9]*")))
+    return sorted(p for p in glob.glob(os.path.join(out, "*-[0-9]*")) if os.path.isdir(p))
 
 
 def records(out: str) -> list:
@@ -222,7 +222,8 @@ def test_parquet_and_worker_count_do_not_change_output(tmp_path, tokenizer_path)
             assert filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False), (a, f)
 
 
-def test_resume_keeps_finished_shards_and_rejects_other_settings(tmp_path, tokenizer_path, sentencepiece_path):
+def test_resume_keeps_finished_shards_and_rejects_other_settings(tmp_path, tokenizer_path, sentencepiece_path,
+                                                                 capsys):
     manifest = tmp_path / "t.jsonl"
     manifest.write_text("".join(json.dumps({"text": f"dog bark {i}"}) + "\n" for i in range(50)))
     args = ["--input", str(manifest), "--output", str(tmp_path / "o"), "--records-per-shard", "20"]
@@ -231,8 +232,11 @@ def test_resume_keeps_finished_shards_and_rejects_other_settings(tmp_path, token
     stamps = [os.stat(os.path.join(s, "text.bin")).st_mtime_ns for s in first]
     assert preprocess_text_main([*args, *common(tokenizer_path)]) == 0
     assert [os.stat(os.path.join(s, "text.bin")).st_mtime_ns for s in first] == stamps
-    with pytest.raises(ValueError, match="different run"):
-        preprocess_text_main([*args, *common(sentencepiece_path)])
+    capsys.readouterr()
+    assert preprocess_text_main([*args, *common(sentencepiece_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds shards of another run" in err and "sp.model here" in err and "new --output" in err
+    assert "\n" not in err
 
 
 def test_crash_mid_run_then_resume(tmp_path, tokenizer_path, codec_dir, audio_dir):
