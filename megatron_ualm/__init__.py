@@ -7,4 +7,8 @@ Entry points: ``python -m megatron_ualm.pretrain``, ``python -m megatron_ualm.ge
 demand so that the data tools start without loading Megatron-Core.
 """
 
+from megatron_ualm.compat import quiet as _quiet
+
+_quiet.install()
+
 __version__ = "0.1.0"

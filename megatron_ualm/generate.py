@@ -22,6 +22,11 @@ Example (CPU, random debug model, tiny random codec)::
 
     python -m megatron_ualm.generate --flavor debug --random-init --tokenizer tok.json \\
         --codec codec_dir --mode tta --prompt "rain on a tin roof" --max-audio-seconds 1 --out out/
+
+From a checkpoint (training ``--save`` directory or converted), which describes its own model::
+
+    python -m megatron_ualm.generate --load ckpt --tokenizer tok.json --codec codec_dir --mode tta \\
+        --prompt "rain on a tin roof" --out out/
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m megatron_ualm.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--flavor", default="debug", help="model flavor (debug, qwen2.5-0.5b, -1.5b, -3b, -7b)")
-    m.add_argument("--load", help="Megatron distributed checkpoint (torch_dist dir or a --save root)")
+    m.add_argument("--load", help="Megatron distributed checkpoint (a --save root or one iter_*/release dir); "
+                                  "it describes its own model, so no --flavor is needed")
+    m.add_argument("--flavor", help="model flavor (debug, qwen2.5-0.5b, -1.5b, -3b, -7b): required with "
+                                    "--random-init, optional with --load (then checked against the checkpoint)")
     m.add_argument("--random-init", action="store_true", help="run without a checkpoint (smoke tests, benchmarks)")
     m.add_argument("--audio-encoder-path", help="local directory of the audio encoder's weights")
     m.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -83,6 +90,13 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.load and not args.random_init:
         p.error("give --load CHECKPOINT, or --random-init for a randomly initialised model")
+    if args.random_init and not args.flavor:
+        p.error("--random-init needs --flavor (a checkpoint would describe its own model)")
+    for flag, path in (("--tokenizer", args.tokenizer), ("--codec", args.codec), ("--load", args.load),
+                       ("--audio-encoder-path", args.audio_encoder_path), ("--prompts", args.prompts),
+                       ("--audio", args.audio)):
+        if path and not os.path.exists(path):
+            p.error(f"{flag} {path} does not exist")
     if not args.prompt and not args.prompts:
         p.error("give --prompt TEXT or --prompts FILE.jsonl")
     if args.mode == "reflect" and not args.codec:
@@ -128,26 +142,30 @@ def main(argv: Optional[list] = None) -> None:
     from megatron_ualm.data.tokenizer import TextTokenizer
     from megatron_ualm.inference import reasoning
     from megatron_ualm.inference.audio import CodecDecoder, load_upsampler, write_wav
-    from megatron_ualm.inference.checkpoint import load_checkpoint
+    from megatron_ualm.errors import CheckpointError
+    from megatron_ualm.inference.checkpoint import load_model
+    from megatron_ualm.vocab import VocabMismatch
     from megatron_ualm.inference.generator import GenerationParams
     from megatron_ualm.inference.pipeline import UALM, Turn
     from megatron_ualm.inference.sampling import SamplingParams
 
     api.initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
-    overrides = {}
-    if args.bf16:
-        overrides["bf16"] = True
-    overrides["transformer_impl"] = args.transformer_impl
+    overrides = {"transformer_impl": args.transformer_impl}
     if args.audio_encoder_path:
         overrides["audio_encoder_path"] = args.audio_encoder_path
-    model = api.build_model(args.flavor, **overrides)
+    tokenizer = TextTokenizer(args.tokenizer)
     if args.load:
-        load_checkpoint(model, args.load)
-    model.eval()
+        try:
+            model = load_model(args.load, flavor=args.flavor, tokenizer=tokenizer, bf16=args.bf16, **overrides)
+        except (CheckpointError, VocabMismatch) as err:
+            raise SystemExit(f"error: {err}") from None
+    else:
+        model = api.build_model(args.flavor, **({"bf16": True} if args.bf16 else {}), **overrides)
+        model.eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     codec = CodecDecoder.load(args.codec, args.codec_name, device=device) if args.codec else None
     upsampler = load_upsampler(args.upsampler, args.upsampler_path, device=device) if args.upsampler else None
-    ualm = UALM(model, TextTokenizer(args.tokenizer), codec, upsampler)
+    ualm = UALM(model, tokenizer, codec, upsampler)
     params = GenerationParams(
         text=SamplingParams(args.temperature, args.top_k, args.top_p),
         audio=SamplingParams(args.audio_temperature, args.audio_top_k, args.audio_top_p),

@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--output", required=True, help="new HF directory to write")
     exp.add_argument("--tokenizer", default=None, help="directory whose tokenizer files are copied")
     exp.add_argument("--dtype", choices=sorted(_dtypes()), default=None, help="default: the checkpoint's")
-    exp.add_argument("--flavor", default=None, help="flavor, for checkpoints written by training (no 'ualm' record)")
+    exp.add_argument("--flavor", default=None, help="optional: checkpoints describe their own model; when given it "
+                     "is checked against the checkpoint (needed only for bare dist_checkpointing saves)")
     exp.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
-                     help="UALMConfig fields of that training run that differ from the flavor")
+                     help="UALMConfig fields to change on export (rarely needed)")
     exp.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (memory stays near one shard)")
 
     for p in (imp, exp):
@@ -89,7 +90,8 @@ def _dtypes():
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from megatron_ualm.conversion.hf_io import ConversionError
+    from megatron_ualm.errors import CheckpointError
+    from megatron_ualm.vocab import VocabMismatch
 
     start = time.time()
     try:
@@ -115,7 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 progress=not args.no_progress,
             )
             print(f"wrote {path} in {time.time() - start:.1f}s")
-    except ConversionError as e:
+    except (CheckpointError, VocabMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -1,8 +1,7 @@
 """Configs across the boundary: HF ``Qwen2Config`` / encoder configs <-> ``UALMConfig``.
 
-A UALM checkpoint written by the importer carries a ``ualm`` record in its common state: the
-flavor, every architecture field of the config, the codec identity and how the new rows were
-initialised, so the exporter (and a reader) can rebuild the exact model without flags.
+The ``ualm`` record a checkpoint carries (flavor, architecture, vocabulary layout, codec) is
+defined in ``megatron_ualm.model_record``; this module maps HF configs onto it.
 """
 
 from __future__ import annotations
@@ -14,31 +13,13 @@ import torch
 
 from megatron_ualm.config import FLAVORS, UALMConfig, make_config
 from megatron_ualm.conversion.hf_io import ConversionError, read_json
-
-RECORD_VERSION = 1
-
-# The UALMConfig fields that fix the shapes and maths of a checkpoint.
-ARCH_FIELDS = (
-    "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-    "kv_channels", "vocab_size", "text_vocab_size", "share_embeddings_and_output_weights",
-    "rotary_base", "layernorm_epsilon", "max_sequence_length", "num_codebooks", "codebook_size",
-    "codec_frame_rate", "audio_encoder_type", "audio_encoder_config", "audio_in_frame_rate",
-    "audio_adapter_ffn_hidden_size",
-)
+from megatron_ualm.model_record import dtype_name
 
 # Fields compared when matching a HF config to a flavor.
 _MATCHED = (
     "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
     "kv_channels", "vocab_size", "share_embeddings_and_output_weights",
 )
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 def hf_arch(hf_dir: str) -> Dict[str, Any]:
     """The backbone shapes of a HF Qwen2 directory, in ``UALMConfig`` field names.
@@ -175,22 +156,6 @@ def check_parallel(config: UALMConfig, tp: int, pp: int) -> None:
         if value % size:
             which = "tensor_model_parallel_size" if size == tp and name != "num_layers" else "pipeline_model_parallel_size"
             raise ConversionError(f"{name}={value} is not divisible by {which}={size}; choose a size that divides it")
-
-
-def make_record(config: UALMConfig, flavor: str, **extra: Any) -> Dict[str, Any]:
-    """The ``ualm`` entry stored with a checkpoint (plain Python types only)."""
-    arch = {f: getattr(config, f) for f in ARCH_FIELDS}
-    arch["audio_encoder_config"] = dict(arch["audio_encoder_config"])
-    return dict(version=RECORD_VERSION, flavor=flavor, arch=arch, params_dtype=dtype_name(config.params_dtype), **extra)
-
-
-def config_from_record(record: Dict[str, Any], **overrides: Any) -> UALMConfig:
-    """Rebuilds the ``UALMConfig`` a record describes."""
-    flavor = record.get("flavor")
-    base = flavor if flavor in FLAVORS else "debug"
-    fields = dict(record["arch"], params_dtype=DTYPES[record.get("params_dtype", "float32")], transformer_impl="local")
-    fields.update(overrides)
-    return make_config(base, **fields)
 
 
 def qwen2_config_dict(config: UALMConfig, dtype: torch.dtype) -> Dict[str, Any]:

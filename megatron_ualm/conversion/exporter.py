@@ -33,13 +33,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from megatron_ualm.config import FLAVORS, make_config
+from megatron_ualm import model_record
 from megatron_ualm.conversion import configs, layout
 from megatron_ualm.conversion.hf_io import ConversionError, ShardedSafetensorsWriter, parse_size
 from megatron_ualm.conversion.importer import ENCODER_SUBDIR, UALM_AUDIO_FILE, UALM_CONFIG_FILE
 from megatron_ualm.conversion.megatron_io import (
-    checkpoint_dir,
-    load_common,
     load_unit,
     model_units,
     quiet_megatron_logs,
@@ -77,6 +75,15 @@ def _hf_names(unit_name: str, tensors: Dict[str, torch.Tensor], config) -> Dict[
     return {names[k]: v for k, v in tensors.items() if k in names}
 
 
+def _check_tokenizer(record: Dict[str, Any], tokenizer_dir: str, ckpt: str) -> None:
+    """The tokenizer copied into the export must be the one the checkpoint was trained with."""
+    path = os.path.join(tokenizer_dir, "tokenizer.json")
+    if os.path.isfile(path):
+        from megatron_ualm.data.tokenizer import TextTokenizer
+
+        model_record.check_tokenizer(record, TextTokenizer(path).identity(), ckpt, path)
+
+
 def export_hf(
     load: str,
     output: str,
@@ -95,8 +102,8 @@ def export_hf(
         output: directory to create.
         tokenizer: directory whose tokenizer files are copied alongside.
         dtype: output dtype (default: the checkpoint's).
-        flavor: the model's flavor, needed only for checkpoints without a ``ualm`` record
-            (written by a training run rather than by the importer).
+        flavor: optional; checked against the checkpoint's record. Needed only for checkpoints
+            that do not describe their model (bare ``dist_checkpointing`` saves).
         overrides: ``UALMConfig`` fields of such a run that differ from the flavor.
         max_shard_size: safetensors shard size (e.g. ``5GB``); memory stays near one shard.
         progress: show a progress bar.
@@ -104,24 +111,24 @@ def export_hf(
     Returns:
         ``output``.
     """
-    ckpt = checkpoint_dir(load)
+    ckpt = model_record.resolve_checkpoint(load)
     if os.path.isdir(output) and os.listdir(output):
         raise ConversionError(f"output directory {output} is not empty; choose a new one")
-    common = load_common(ckpt)
-    record = common.get("ualm") if isinstance(common, dict) else None
+    record = model_record.read_record(ckpt)
     if record is not None:
-        config = configs.config_from_record(record, **(overrides or {}))
+        model_record.check_flavor(record, flavor, ckpt)
+        config = model_record.config_from_record(record, **(overrides or {}))
     elif flavor is not None:
-        if flavor not in FLAVORS:
-            raise ConversionError(f"unknown flavor {flavor!r}; choose one of {sorted(FLAVORS)}")
-        config = make_config(flavor, transformer_impl="local", **(overrides or {}))
-        record = configs.make_record(config, flavor, codec=None, source=os.path.abspath(ckpt))
+        config = model_record.config_from_checkpoint(ckpt, flavor, **(overrides or {}))
+        record = model_record.make_record(config, flavor, codec=None, source=os.path.abspath(ckpt))
     else:
         raise ConversionError(
-            f"{ckpt} has no 'ualm' record (it was not written by the importer): pass --flavor "
+            f"{ckpt} does not describe its model (no 'ualm' record, no training args): pass --flavor "
             "(and --override for fields the training run changed)"
         )
-    out_dtype = configs.DTYPES[dtype] if dtype else config.params_dtype
+    if tokenizer is not None:
+        _check_tokenizer(record, tokenizer, ckpt)
+    out_dtype = model_record.DTYPES[dtype] if dtype else config.params_dtype
     model = structure_model(config)
     units = model_units(model)
 
@@ -147,10 +154,10 @@ def export_hf(
     if encoder is not None:
         encoder.close()
         enc_cfg = configs.encoder_config_dict(config)
-        enc_cfg["dtype"] = configs.dtype_name(out_dtype)
+        enc_cfg["dtype"] = model_record.dtype_name(out_dtype)
         with open(os.path.join(output, ENCODER_SUBDIR, "config.json"), "w") as f:
             json.dump(enc_cfg, f, indent=2)
-    record = dict(record, params_dtype=configs.dtype_name(out_dtype))
+    record = dict(record, params_dtype=model_record.dtype_name(out_dtype))
     vocab = UALMVocab.from_config(config)
     with open(os.path.join(output, UALM_CONFIG_FILE), "w") as f:
         json.dump(dict(record=record, special_tokens={t: vocab.special(t) for t in SPECIAL_TOKENS}, layout=LAYOUT),

@@ -10,8 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_ualm.errors import CheckpointError
 
-class ConversionError(ValueError):
+
+class ConversionError(CheckpointError):
     """A checkpoint cannot be converted; the message says which file or tensor and why."""
 
 

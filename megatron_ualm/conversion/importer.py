@@ -22,6 +22,7 @@ it was, specials, codebooks, heads, adapter and encoder included.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zlib
 from typing import Any, Dict, Optional
@@ -29,7 +30,8 @@ from typing import Any, Dict, Optional
 import torch
 from tqdm import tqdm
 
-from megatron_ualm.config import NUM_RESERVED_SPECIAL_TOKENS, UALMConfig
+from megatron_ualm.config import NUM_RESERVED_SPECIAL_TOKENS, UALMConfig, make_config
+from megatron_ualm import model_record
 from megatron_ualm.conversion import configs, layout
 from megatron_ualm.conversion.hf_io import ConversionError, SafetensorsReader, read_json
 from megatron_ualm.conversion.megatron_io import (
@@ -221,6 +223,61 @@ def codec_identity(codec: Optional[str], config: UALMConfig) -> Optional[Dict[st
     return ident
 
 
+def _hf_tokenizer(hf_dir: str):
+    """The ``TextTokenizer`` of a HF directory's ``tokenizer.json``, None when it has none."""
+    if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        return None
+    from megatron_ualm.data.tokenizer import TextTokenizer
+
+    return TextTokenizer(hf_dir)
+
+
+def text_vocabulary(arch: Dict[str, Any], flavor: str, tokenizer, requested: Optional[int], hf_dir: str) -> int:
+    """Where the 32 UALM special tokens start: the text tokenizer's size.
+
+    Taken from ``--text-vocab-size``, else the tokenizer in ``hf_dir`` (ids incl. its added
+    tokens), else a named flavor's (Qwen2.5: 151665). Rows below it are the tokenizer's, trained:
+    a special row must never land on one, so a requested size below the tokenizer's is refused.
+
+    Raises:
+        ConversionError: the size is unknown (``--flavor hf`` without a tokenizer), below the
+            tokenizer's, or beyond the HF embedding.
+    """
+    known = tokenizer.vocab_size if tokenizer is not None else None
+    if requested is not None:
+        if known is not None and requested < known:
+            raise ConversionError(
+                f"--text-vocab-size {requested} would put UALM special tokens on rows {requested}..{known - 1}, which "
+                f"the tokenizer in {hf_dir} ({known} ids) uses and the model has trained; use --text-vocab-size {known}")
+        size = requested
+    elif known is not None:
+        size = known
+    elif flavor != "hf":
+        size = make_config(flavor, transformer_impl="local").text_vocab_size
+        log.warning("%s has no tokenizer.json: the specials start at the flavor's text vocabulary size %d", hf_dir, size)
+    else:
+        raise ConversionError(
+            f"--flavor hf takes the text vocabulary from the tokenizer, but {hf_dir} has no tokenizer.json: copy the "
+            "model's tokenizer files there, or pass --text-vocab-size N (N = the tokenizer's number of ids)")
+    if size > arch["vocab_size"]:
+        raise ConversionError(f"{hf_dir}/config.json: vocab_size={arch['vocab_size']} rows cannot hold a text vocabulary "
+                              f"of {size} ids; is this the right tokenizer?")
+    return size
+
+
+def stream0_rows(hf_rows: int, text_vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Rows of the stream-0 table for HF shapes: the HF rows, grown when the specials do not fit.
+
+    Grown tables are padded to a multiple of ``multiple`` (and of ``tp``), as Megatron pads
+    vocabularies; the new rows beyond the specials are zero.
+    """
+    needed = max(hf_rows, text_vocab_size + NUM_RESERVED_SPECIAL_TOKENS)
+    if needed == hf_rows and hf_rows % tp == 0:
+        return hf_rows
+    step = multiple * tp // math.gcd(multiple, tp)
+    return -(-needed // step) * step
+
+
 def import_hf(
     hf_dir: str,
     output: str,
@@ -247,7 +304,8 @@ def import_hf(
             ``hf`` (shapes from ``config.json``).
         tensor_model_parallel_size: TP the checkpoint is meant for (checked; the file loads at any).
         pipeline_model_parallel_size: PP likewise.
-        text_vocab_size: tokenizer size (default: the flavor's, 151665 for Qwen2.5).
+        text_vocab_size: tokenizer size; default: the tokenizer in ``hf_dir``, else the flavor's
+            (151665 for Qwen2.5). Refused when below the tokenizer's (specials on trained rows).
         dtype: ``bfloat16`` / ``float16`` / ``float32`` (default: the HF ``config.json`` dtype).
         audio_encoder: encoder directory (Qwen2-Audio / AF3 / Whisper) to copy into the checkpoint.
         no_audio_encoder: build the model without the audio-in path.
@@ -268,33 +326,33 @@ def import_hf(
         record = read_json(exported_path)["record"]
         fields = dict(overrides or {})
         if dtype:
-            fields["params_dtype"] = configs.DTYPES[dtype]
-        config = configs.config_from_record(record, **fields)
+            fields["params_dtype"] = model_record.DTYPES[dtype]
+        config = model_record.config_from_record(record, **fields)
         flavor = record["flavor"]
         parts = SafetensorsReader.from_file(os.path.join(hf_dir, UALM_AUDIO_FILE))
         if config.audio_encoder_type is not None:
             encoder_reader = SafetensorsReader(os.path.join(hf_dir, ENCODER_SUBDIR))
         codec_record = record.get("codec")
+        tokenizer = _hf_tokenizer(hf_dir)
+        if tokenizer is not None:
+            model_record.check_tokenizer(record, tokenizer.identity(), exported_path, str(tokenizer.path))
     else:
         flavor = configs.resolve_flavor(arch, flavor, os.path.join(hf_dir, "config.json"))
         fields = dict(overrides or {})
-        if text_vocab_size is not None:
-            fields["text_vocab_size"] = text_vocab_size
+        tokenizer = _hf_tokenizer(hf_dir)
+        fields["text_vocab_size"] = text_vocabulary(arch, flavor, tokenizer, text_vocab_size, hf_dir)
+        if flavor == "hf":
+            fields["vocab_size"] = stream0_rows(arch["vocab_size"], fields["text_vocab_size"], tp)
         if no_audio_encoder:
             fields["audio_encoder_type"] = None
         elif audio_encoder is not None:
             kind, enc_cfg, encoder_prefix = configs.encoder_info(audio_encoder)
             fields.update(audio_encoder_type=kind, audio_encoder_config=enc_cfg)
             encoder_reader = SafetensorsReader(audio_encoder)
-        fields["params_dtype"] = configs.DTYPES[dtype or arch["_dtype"]]
+        fields["params_dtype"] = model_record.DTYPES[dtype or arch["_dtype"]]
         config = configs.build_config(flavor, arch, fields)
         codec_record = codec_identity(codec, config)
     configs.check_parallel(config, tp, pp)
-    if arch["vocab_size"] < config.text_vocab_size:
-        raise ConversionError(
-            f"{hf_dir}/config.json: vocab_size={arch['vocab_size']} is smaller than text_vocab_size="
-            f"{config.text_vocab_size}; pass the tokenizer's size with --text-vocab-size"
-        )
 
     hf = SafetensorsReader(hf_dir)
     model = structure_model(config)
@@ -303,8 +361,8 @@ def import_hf(
         probe = next(k for u in units.values() for k in u.slots if k.startswith("audio_encoder.model."))
         encoder_prefix = _encoder_prefix(encoder_reader, probe[len("audio_encoder.model."):], encoder_prefix)
     source = _Source(config, hf, seed, encoder_reader, encoder_prefix, parts)
-    record = configs.make_record(
-        config, flavor,
+    record = model_record.make_record(
+        config, flavor, tokenizer.identity() if tokenizer is not None else None,
         codec=codec_record,
         source=os.path.abspath(hf_dir),
         audio_encoder_source=os.path.abspath(audio_encoder) if audio_encoder else None,
@@ -314,8 +372,13 @@ def import_hf(
     common = {"checkpoint_version": 3.0, "iteration": 0, "ualm": record}
     with quiet_megatron_logs():
         writer = StreamingCheckpointWriter(output, common)
-        for name, unit in tqdm(units.items(), desc="import", unit="unit", disable=not progress):
-            writer.write(unit, source.unit(name, unit))
-        ckpt = writer.close()
-    hf.close()
+        try:
+            for name, unit in tqdm(units.items(), desc="import", unit="unit", disable=not progress):
+                writer.write(unit, source.unit(name, unit))
+            ckpt = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            hf.close()
     return ckpt

@@ -47,10 +47,9 @@ from torch.overrides import TorchFunctionMode
 from megatron_ualm.compat import cpu as cpu_compat
 from megatron_ualm.config import UALMConfig
 from megatron_ualm.conversion.hf_io import ConversionError
+from megatron_ualm.model_record import RELEASE, TRACKER
 
 _COMMON_KEY = "common_state"
-TRACKER = "latest_checkpointed_iteration.txt"
-RELEASE = "release"
 
 
 def _free_port() -> int:
@@ -205,27 +204,6 @@ def model_units(model) -> "OrderedDict[str, Unit]":
     return units
 
 
-def checkpoint_dir(load_dir: str) -> str:
-    """The directory with ``metadata.json`` for a ``--load`` directory or an iteration directory."""
-    if os.path.isfile(os.path.join(load_dir, "metadata.json")):
-        return load_dir
-    tracker = os.path.join(load_dir, TRACKER)
-    if not os.path.isfile(tracker):
-        raise ConversionError(
-            f"{load_dir} is not a Megatron checkpoint: it has neither {TRACKER} nor metadata.json"
-        )
-    with open(tracker) as f:
-        text = f.read().strip()
-    sub = RELEASE if text == RELEASE else f"iter_{int(text):07d}"
-    path = os.path.join(load_dir, sub)
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
-        raise ConversionError(
-            f"{tracker} points at {path}, which is not a torch_dist checkpoint (no metadata.json); "
-            "convert legacy 'torch' checkpoints with --ckpt-convert-format torch_dist first"
-        )
-    return path
-
-
 def _merge_metadata(target, part, rename: Dict[str, str], slots: Dict[str, Slot]) -> None:
     """Adds a unit's DCP metadata to ``target``.
 
@@ -288,6 +266,11 @@ class StreamingCheckpointWriter:
     containing ``release``: Megatron's loader takes it with ``--load`` (iteration 0, no
     optimizer or RNG state) or ``--pretrained-checkpoint``.
 
+    Everything is written under ``.<out_dir name>.partial`` beside ``out_dir`` and renamed to
+    ``out_dir`` by ``close``: a failed or killed conversion leaves nothing that looks like a
+    checkpoint, and a rerun into the same ``out_dir`` starts clean (``abort`` removes the
+    partial directory; a leftover of a killed run is removed by the next writer).
+
     Args:
         out_dir: the ``--load`` directory to create (must be empty or absent).
         common_state: non-tensor entries (``checkpoint_version``, ``iteration``, metadata).
@@ -296,9 +279,13 @@ class StreamingCheckpointWriter:
     def __init__(self, out_dir: str, common_state: dict):
         if os.path.isdir(out_dir) and os.listdir(out_dir):
             raise ConversionError(f"output directory {out_dir} is not empty; choose a new one")
-        self.out_dir = out_dir
-        self.ckpt_dir = os.path.join(out_dir, RELEASE)
-        self.scratch = os.path.join(out_dir, ".units")
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise ConversionError(f"output {out_dir} is a file; choose a new directory")
+        self.final_dir = os.path.abspath(out_dir)
+        self.out_dir = os.path.join(os.path.dirname(self.final_dir), f".{os.path.basename(self.final_dir)}.partial")
+        shutil.rmtree(self.out_dir, ignore_errors=True)
+        self.ckpt_dir = os.path.join(self.out_dir, RELEASE)
+        self.scratch = os.path.join(self.out_dir, ".units")
         os.makedirs(self.ckpt_dir)
         ensure_world_of_one()
         # common_state (and metadata.json) come from a regular save of no tensors.
@@ -336,7 +323,11 @@ class StreamingCheckpointWriter:
         self.units += 1
 
     def close(self) -> str:
-        """Writes the merged metadata and the tracker; returns the checkpoint directory."""
+        """Writes the merged metadata and the tracker, then moves the checkpoint into place.
+
+        Returns:
+            The checkpoint directory (``out_dir/release``).
+        """
         _check_complete(self.metadata)
         tmp = os.path.join(self.ckpt_dir, ".metadata.tmp")
         with open(tmp, "wb") as f:
@@ -345,7 +336,12 @@ class StreamingCheckpointWriter:
         shutil.rmtree(self.scratch, ignore_errors=True)
         with open(os.path.join(self.out_dir, TRACKER), "w") as f:
             f.write(RELEASE)
-        return self.ckpt_dir
+        os.replace(self.out_dir, self.final_dir)  # an empty final directory is replaced too
+        return os.path.join(self.final_dir, RELEASE)
+
+    def abort(self) -> None:
+        """Removes everything written so far."""
+        shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
 def load_common(ckpt_dir: str) -> dict:

@@ -20,12 +20,17 @@ from megatron_ualm.config import FLAVORS, UALMConfig, default_transformer_impl, 
 FREEZE_POLICIES = ("full", "alignment")
 
 
-def _flavor_of(argv: Sequence[str]) -> str:
+def flavor_of(argv: Sequence[str]) -> str:
+    """The ``--flavor`` of a command line (default ``debug``).
+
+    Raises:
+        ValueError: an unknown flavor.
+    """
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--flavor", default="debug")
     known, _ = parser.parse_known_args(argv)
     if known.flavor not in FLAVORS:
-        raise SystemExit(f"--flavor {known.flavor!r} is not one of {sorted(FLAVORS)}")
+        raise ValueError(f"--flavor {known.flavor!r} is not one of {sorted(FLAVORS)}")
     return known.flavor
 
 

@@ -13,7 +13,10 @@ import collections
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from megatron_ualm.config import UALMConfig
+from megatron_ualm.data.shards import FAMILIES
 from megatron_ualm.flops import step_flops
 from megatron_ualm.models.encoder import encoder_hf_config, window_geometry
 
@@ -61,21 +64,41 @@ class UALMThroughput:
         self.counters = StepCounters()
         self._last = time.perf_counter()
 
+    def _global_counts(self, families: list[str]) -> list[int]:
+        """[sequences, encoder windows, samples per family] summed over the data-parallel group.
+
+        Each DP rank reads its own micro-batches, so only the sum is the job's batch (one rank's
+        count times DP is not: families and audio differ between ranks). Every rank of the
+        group must call this at the same iteration (the log interval).
+        """
+        c = self.counters
+        other = sum(n for f, n in c.families.items() if f not in families)
+        counts = [c.sequences, c.encoder_windows] + [c.families.get(f, 0) for f in families] + [other]
+        if self.dp > 1 and torch.distributed.is_initialized():
+            from megatron.core import parallel_state
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            t = torch.tensor(counts, dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
+            counts = [int(round(v)) for v in t.tolist()]
+        return counts
+
     def report(self) -> dict:
-        """Metrics since the previous call; resets the counters."""
+        """Metrics since the previous call (a collective over the data-parallel group); resets the counters."""
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
         c = self.counters
-        # Counters are per DP rank (one rank's reader); the job saw dp times as much.
-        sequences = c.sequences * self.dp
-        windows = c.encoder_windows * self.dp
+        # A fixed list: every rank of the group must reduce a tensor of the same length.
+        families = list(FAMILIES)
+        sequences, windows, *per_family = self._global_counts(families)
+        families.append("other")
         flops = step_flops(self.config, sequences, self.seq_length, adapter_frames=windows * self.frames_per_window,
                            encoder_windows=windows, encoder_hf_config=self.encoder_config)
         out = {
             "tokens_per_sec_per_gpu": sequences * self.seq_length / max(seconds, 1e-9) / self.world_size,
             "ualm_tflops_per_gpu": flops.total / max(seconds, 1e-9) / 1e12 / self.world_size,
             "encoder_windows": windows,
-            **{f"samples_{fam}": n * self.dp for fam, n in sorted(c.families.items())},
+            **{f"samples_{fam}": n for fam, n in zip(families, per_family) if n},
         }
         c.reset()
         return out

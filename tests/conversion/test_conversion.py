@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from megatron_ualm.config import make_config
 from megatron_ualm.conversion import ConversionError, export_hf, import_hf, layout
+from megatron_ualm import model_record
 from megatron_ualm.conversion import megatron_io
 
 WORKER = os.path.join(os.path.dirname(__file__), "load_worker.py")
@@ -95,7 +96,7 @@ def test_import_loads_at_tp_pp(hf_dirs, imported, ualm_logits, tp, pp):
 
 def test_checkpoint_layout_and_record(imported):
     out, ckpt = imported
-    assert open(os.path.join(out, megatron_io.TRACKER)).read() == "release"
+    assert open(os.path.join(out, model_record.TRACKER)).read() == "release"
     record = megatron_io.load_common(ckpt)["ualm"]
     assert record["flavor"] == "debug"
     assert record["codec"]["name"] == "hf-audio/xcodec-hubert-general"
@@ -117,7 +118,7 @@ def _all_tensors(ckpt):
 def _config_of(ckpt):
     from megatron_ualm.conversion import configs
 
-    return configs.config_from_record(megatron_io.load_common(ckpt)["ualm"])
+    return model_record.config_from_record(megatron_io.load_common(ckpt)["ualm"])
 
 
 def test_initialisation_rule(hf_dirs, imported):
