@@ -79,6 +79,29 @@ def _decode_dali(data: bytes) -> tuple[np.ndarray, int]:
     return np.array(audio[0], dtype=np.float32).reshape(-1), int(np.array(rate[0]).reshape(-1)[0])
 
 
+END_TOLERANCE_SECONDS = 0.01
+"""How far an ``end`` may lie past the clip's end (timestamps rounded to 10 ms) before it is an error."""
+
+
+def _clip_span(start: Optional[float], end: Optional[float], frames: int, rate: int, name: str) -> tuple[int, int]:
+    """Samples ``[first, last)`` of ``start`` / ``end`` in a clip of ``frames`` samples at ``rate``.
+
+    Raises:
+        RecordError: ``start`` at or past the clip's end, or ``end`` more than
+            ``END_TOLERANCE_SECONDS`` past it (never cut silently); the error says how long the clip is.
+    """
+    first = int(round((start or 0.0) * rate))
+    if first >= frames:
+        raise RecordError(f"start={start} s is past the end of {name} ({frames / rate:.3f} s long)", "start")
+    if end is None:
+        return first, frames
+    last = int(round(end * rate))
+    if last > frames + round(END_TOLERANCE_SECONDS * rate):
+        raise RecordError(f"end={end} s is past the end of {name} ({frames / rate:.3f} s long); give an end "
+                          "within the clip, or none to read to its end", "end")
+    return first, min(last, frames)
+
+
 def load_audio(
     source: Union[str, bytes],
     sample_rate: int,
@@ -93,8 +116,9 @@ def load_audio(
         source: a file path or the encoded file's bytes.
         sample_rate: the output rate.
         start: clip start in seconds (None: the beginning).
-        end: clip end in seconds (None: the end of the file).
-        field: the manifest field named in errors.
+        end: clip end in seconds (None: the end of the file); at most ``END_TOLERANCE_SECONDS``
+            past the end of the file.
+        field: the manifest field named in errors about the audio itself.
         decoder: ``soundfile`` (libsndfile decode), ``dali`` (NVIDIA DALI's decoder), or
             ``auto`` (DALI where installed, else soundfile); soxr HQ resamples in every case.
 
@@ -102,7 +126,8 @@ def load_audio(
         float32 ``[n]`` samples in [-1, 1].
 
     Raises:
-        RecordError: the file is missing, cannot be decoded, or the clip is empty.
+        RecordError: the file is missing, empty ("empty audio", field ``field``) or cannot be
+            decoded, or ``start`` / ``end`` (named as the field) lie outside the clip.
     """
     import soundfile as sf
     import soxr
@@ -113,12 +138,16 @@ def load_audio(
         decoder = "dali" if dali_available() else "soundfile"
     if isinstance(source, (bytes, bytearray, memoryview)):
         handle, name = io.BytesIO(bytes(source)), "<bytes>"
+        if not len(source):
+            raise RecordError("empty audio: the record's audio bytes are empty", field)
     elif isinstance(source, str):
         handle, name = source, source
         import os
 
         if not os.path.exists(source):
             raise RecordError(f"audio file {source} does not exist", field)
+        if os.path.isfile(source) and os.path.getsize(source) == 0:
+            raise RecordError(f"empty audio: {source} is an empty file (0 bytes)", field)
     else:
         raise RecordError(
             f"expected a file path (string) or the file's bytes, got {type(source).__name__}", field
@@ -134,12 +163,9 @@ def load_audio(
     try:
         with sf.SoundFile(handle) as snd:
             rate = snd.samplerate
-            first = int(round((start or 0.0) * rate))
-            last = snd.frames if end is None else min(snd.frames, int(round(end * rate)))
-            if first >= snd.frames:
-                raise RecordError(
-                    f"start={start} s is past the end of {name} ({snd.frames / rate:.2f} s)", "start"
-                )
+            if snd.frames == 0:
+                raise RecordError(f"empty audio: {name} holds no samples", field)
+            first, last = _clip_span(start, end, snd.frames, rate, name)
             if first:
                 snd.seek(first)
             data = snd.read(last - first, dtype="float32", always_2d=True)  # [n, channels]
@@ -174,10 +200,10 @@ def _load_dali(handle, name: str, sample_rate: int, start: Optional[float], end:
         reason = next((line.strip() for line in str(err).splitlines() if "rror" in line and "pipeline" not in line),
                       str(err).splitlines()[0] if str(err) else type(err).__name__)
         raise RecordError(f"cannot decode audio {name}: {reason}", field) from None
-    first = int(round((start or 0.0) * rate))
-    if first >= mono.shape[0]:
-        raise RecordError(f"start={start} s is past the end of {name} ({mono.shape[0] / rate:.2f} s)", "start")
-    mono = mono[first:] if end is None else mono[first:int(round(end * rate))]
+    if mono.shape[0] == 0:
+        raise RecordError(f"empty audio: {name} holds no samples", field)
+    first, last = _clip_span(start, end, mono.shape[0], rate, name)
+    mono = mono[first:last]
     if mono.shape[0] == 0:
         raise RecordError(f"audio {name} has no samples in the requested range", field)
     if not np.isfinite(mono).all():

@@ -1,25 +1,46 @@
 """The pretraining blend: understanding / generation / text shards mixed by token counts.
 
-The weight of a shard is ``tokens(shard) * upsample(family)``: each family contributes in
-proportion to its tokens times its up-sampling factor (generation x2 by default, as in the
-paper), and shards inside a family in proportion to their tokens. Mixing, per-shard sample
-budgets and index caching are Megatron's ``BlendedMegatronDatasetBuilder`` /
-``BlendedDataset`` (exact-proportion greedy blending, deterministic for a seed).
+Shares. A shard's share is ``tokens(shard) * upsample(family)``, normalised: each family
+contributes in proportion to its tokens times its up-sampling factor (generation x2 by
+default, as in the paper), and shards inside a family in proportion to their tokens. A share
+is a share of *trained tokens* (the non-padding positions of the packed rows). Rows differ in
+fullness (a row holding one long generation record leaves more of it empty than a row of
+short text records), so each shard's rows are drawn with weight ``share / tokens per packed
+row`` (the mean over one epoch of the shard's packed rows): the tokens, not the rows, follow
+the shares.
+
+Splits. The train / valid / test split (``98,1,1``) cuts each shard's records by position,
+as Megatron does. A shard too small to give a split a record contributes nothing to that
+split, and the split's weights are renormalised over the shards that have records in it. A
+split that no shard has a record in is None (Megatron then skips evaluation), with a
+warning; only a train split that rows are asked of and no shard can fill is an error.
+
+Mixing and index caching are Megatron's ``BlendedDataset`` (exact-proportion greedy
+blending, deterministic for a seed) over one ``UALMDataset`` per shard and split.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
+from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.utils import Split
+from megatron.core.utils import log_single_rank
 
 from megatron_ualm.data.dataset import UALMDataset, UALMDatasetConfig
-from megatron_ualm.data.shards import FAMILIES, SIDECAR, read_sidecar
+from megatron_ualm.data.shards import (FAMILIES, SIDECAR, ShardError, ShardReader, check_shard, read_sidecar,
+                                       shard_layout)
+from megatron_ualm.vocab import check_layouts, layout_fingerprint
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_UPSAMPLE = {"understanding": 1.0, "generation": 2.0, "text": 1.0}
 BLEND_FORMAT = "ualm-blend"
@@ -27,7 +48,7 @@ BLEND_FORMAT = "ualm-blend"
 
 @dataclass
 class BlendPlan:
-    """Shards, their families and weights.
+    """Shards, their families and token shares.
 
     Attributes:
         shards: shard directories.
@@ -35,6 +56,8 @@ class BlendPlan:
         samples: records per shard.
         tokens: sequence-format positions per shard.
         upsample: factor per family.
+        vocab_layout: the token-id layout the shards share (``megatron_ualm.vocab.vocab_layout``:
+            tokenizer, K and card where known), for comparison with a checkpoint.
     """
 
     shards: list
@@ -42,15 +65,16 @@ class BlendPlan:
     samples: list
     tokens: list
     upsample: dict = field(default_factory=lambda: dict(DEFAULT_UPSAMPLE))
+    vocab_layout: Optional[dict] = None
 
     @property
     def weights(self) -> list[float]:
-        """Per-shard blend weights, normalised."""
+        """Per-shard shares of the trained tokens, normalised."""
         w = np.array([t * self.upsample[f] for t, f in zip(self.tokens, self.families)], dtype=np.float64)
         return (w / w.sum()).tolist()
 
     def family_table(self) -> list[dict]:
-        """Per family: shards, samples, tokens, up-sampling, share of the mixture."""
+        """Per family: shards, samples, tokens, up-sampling, share of the trained tokens."""
         weights = self.weights
         rows = []
         for fam in FAMILIES:
@@ -63,20 +87,47 @@ class BlendPlan:
 
     def to_json(self) -> dict:
         return {"format": BLEND_FORMAT, "version": 1, "upsample": self.upsample,
+                "vocab": self.vocab_layout,
+                "vocab_fingerprint": layout_fingerprint(self.vocab_layout) if self.vocab_layout else None,
                 "families": self.family_table(),
                 "shards": [{"path": p, "family": f, "samples": s, "tokens": t, "weight": w}
                            for p, f, s, t, w in zip(self.shards, self.families, self.samples, self.tokens, self.weights)]}
 
     @classmethod
     def from_json(cls, blob: dict) -> "BlendPlan":
-        if blob.get("format") != BLEND_FORMAT:
-            raise ValueError(f"not a UALM blend file (format {blob.get('format')!r}, expected {BLEND_FORMAT!r})")
-        s = blob["shards"]
-        return cls([x["path"] for x in s], [x["family"] for x in s], [x["samples"] for x in s],
-                   [x["tokens"] for x in s], dict(blob["upsample"]))
+        """The plan of a blend file's JSON.
+
+        Raises:
+            ValueError: not a blend, or a field missing or of the wrong type (named).
+        """
+        if not isinstance(blob, dict) or blob.get("format") != BLEND_FORMAT:
+            found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+            raise ValueError(f"not a UALM blend file (format {found!r}, expected {BLEND_FORMAT!r})")
+        shards = blob.get("shards")
+        if not isinstance(shards, list) or not shards:
+            raise ValueError(f"'shards' must be a non-empty list of shard entries, got {shards!r:.80}")
+        for i, entry in enumerate(shards):
+            if not isinstance(entry, dict):
+                raise ValueError(f"shards[{i}] must be an object with path, family, samples, tokens")
+            for key, kind in (("path", str), ("family", str), ("samples", int), ("tokens", int)):
+                value = entry.get(key)
+                if not isinstance(value, kind) or isinstance(value, bool):
+                    raise ValueError(f"shards[{i}].{key} must be a{'n' if kind is int else ''} "
+                                     f"{kind.__name__}, got {value!r}")
+            if entry["family"] not in FAMILIES:
+                raise ValueError(f"shards[{i}].family {entry['family']!r} is not one of {FAMILIES}")
+        upsample = blob.get("upsample")
+        if not isinstance(upsample, dict) or not all(
+                isinstance(upsample.get(f), (int, float)) and upsample[f] > 0 for f in {e["family"] for e in shards}):
+            raise ValueError(f"'upsample' must map each family to a factor > 0, got {upsample!r}")
+        layout = blob.get("vocab")
+        if layout is not None and not isinstance(layout, dict):
+            raise ValueError(f"'vocab' must be a token-id layout object, got {layout!r:.80}")
+        return cls([x["path"] for x in shards], [x["family"] for x in shards], [x["samples"] for x in shards],
+                   [x["tokens"] for x in shards], dict(upsample), layout)
 
     def megatron_blend(self) -> tuple[list[str], list[float]]:
-        """``BlendedMegatronDatasetConfig.blend``: (prefixes, weights)."""
+        """``BlendedMegatronDatasetConfig.blend``: (prefixes, token shares)."""
         return list(self.shards), self.weights
 
 
@@ -95,30 +146,82 @@ def find_shards(paths: Sequence[str]) -> list[str]:
     return found
 
 
+def _one_error(errors: list, total: int) -> ShardError:
+    """One error for every damaged shard: the first shown, all problems kept."""
+    if len(errors) == 1:
+        return errors[0]
+    return ShardError(f"{len(errors)} of {total} shards are damaged; the first: {errors[0]}",
+                      [p for err in errors for p in err.problems])
+
+
+def _checked_sidecars(shard_dirs: Sequence[str]) -> list[dict]:
+    """``check_shard`` of every shard; raises one ``ShardError`` for all that fail."""
+    metas, errors = [], []
+    for d in shard_dirs:
+        try:
+            metas.append(check_shard(d))
+        except ShardError as err:
+            errors.append(err)
+    if errors:
+        raise _one_error(errors, len(shard_dirs))
+    return metas
+
+
+def shared_layout(named_layouts: Sequence[tuple[str, dict]]) -> Optional[dict]:
+    """The token-id layout of shards that must share one, or None for no shards.
+
+    Every distinct layout is checked against the others (``check_layouts``: a mismatch names
+    both shards); the shared layout takes the tokenizer, K and card from the shards that know
+    them (text shards have no K).
+
+    Args:
+        named_layouts: ``(shard directory, layout)`` pairs.
+
+    Raises:
+        VocabMismatch: two shards with layouts that cannot be used together.
+    """
+    distinct: dict[str, tuple[str, dict]] = {}
+    for path, layout in named_layouts:
+        key = layout_fingerprint(layout)
+        if key not in distinct:
+            for other_path, other in distinct.values():
+                check_layouts(other, f"shard {other_path}", layout, f"shard {path}")
+            distinct[key] = (path, layout)
+    layouts = [layout for _, layout in distinct.values()]
+    if not layouts:
+        return None
+    merged = dict(layouts[0])
+    for key in ("tokenizer", "num_codebooks", "codebook_size"):
+        merged[key] = next((layout[key] for layout in layouts if layout.get(key) is not None), None)
+    merged["special_tokens"] = max((layout["special_tokens"] for layout in layouts), key=len)  # append-only
+    return merged
+
+
 def plan_blend(shard_dirs: Sequence[str], upsample: Optional[dict] = None) -> BlendPlan:
-    """Reads the sidecars and checks the shards agree on tokenizer and codec.
+    """Checks the shards and plans their blend from the sidecars.
+
+    Each shard is checked (``check_shard``: files, index against data, sidecar counts against
+    the index), and all must share one token-id layout and codec.
 
     Args:
         shard_dirs: shard directories.
         upsample: factor per family (missing families: ``DEFAULT_UPSAMPLE``).
 
     Raises:
-        ValueError: empty shards, unknown family, or mixed tokenizers / codecs.
+        ShardError: damaged shards (each named, with the file at fault).
+        VocabMismatch: shards of different tokenizers / codebook layouts (both named).
+        ValueError: an unknown family, mixed codecs, or every shard empty.
     """
     factors = {**DEFAULT_UPSAMPLE, **(upsample or {})}
     plan = BlendPlan([], [], [], [], factors)
-    tokenizer = codec = None
-    for d in shard_dirs:
-        meta = read_sidecar(d)
+    codec = None
+    layouts = []
+    for d, meta in zip(shard_dirs, _checked_sidecars(shard_dirs)):
         if meta["family"] not in FAMILIES:
             raise ValueError(f"{d}: family {meta['family']!r} is not one of {FAMILIES}")
         if meta["counts"]["samples"] == 0:
             continue  # every record was rejected; nothing to draw
-        tok = meta["tokenizer"]["sha256"]
-        if tokenizer is None:
-            tokenizer = (tok, d)
-        elif tok != tokenizer[0]:
-            raise ValueError(f"{d} was tokenised with another tokenizer than {tokenizer[1]}; re-run its preprocessing")
+        layouts.append((d, shard_layout(meta)))
         if meta.get("codec"):
             ident = {k: meta["codec"].get(k) for k in ("name", "num_codebooks", "codebook_size", "frame_rate", "sha256")}
             if codec is None:
@@ -131,43 +234,151 @@ def plan_blend(shard_dirs: Sequence[str], upsample: Optional[dict] = None) -> Bl
         plan.tokens.append(meta["counts"]["tokens"])
     if not plan.shards:
         raise ValueError("every shard is empty")
+    plan.vocab_layout = shared_layout(layouts)
     return plan
 
 
+def check_shards(plan: BlendPlan) -> None:
+    """Checks a plan's shards before training (cheap: sidecars and ``.idx`` files, no data scan).
+
+    Each shard as ``build_blend`` checked it (``check_shard``), still holding the family,
+    samples and tokens the blend recorded (a shard rewritten since would change the weights),
+    with the blend's token-id layout.
+
+    Raises:
+        ShardError: damaged or changed shards, each named with the file at fault.
+        VocabMismatch: a shard's layout differs from the blend's.
+    """
+    errors = []
+    for path, family, samples, tokens in zip(plan.shards, plan.families, plan.samples, plan.tokens):
+        try:
+            meta = check_shard(path)
+        except ShardError as err:
+            errors.append(err)
+            continue
+        held = (meta["family"], meta["counts"]["samples"], meta["counts"]["tokens"])
+        if held != (family, samples, tokens):
+            errors.append(ShardError(
+                f"{os.path.join(path, SIDECAR)}: the shard holds {held[0]} data of {held[1]} samples / {held[2]} "
+                f"tokens, the blend recorded {family} / {samples} / {tokens}; the shard changed after the blend was "
+                "built: rerun tools/build_blend.py"))
+            continue
+        check_layouts(plan.vocab_layout, "the blend", shard_layout(meta), f"shard {path}")
+    if errors:
+        raise _one_error(errors, len(plan.shards))
+
+
 def format_table(plan: BlendPlan) -> str:
-    """The mixture table, one line per family plus a total."""
+    """The mixture table, one line per family plus a total; shares are of the trained tokens."""
     rows = plan.family_table()
-    lines = [f"{'family':<14}{'shards':>8}{'samples':>12}{'tokens':>15}{'upsample':>10}{'mixture %':>11}"]
+    lines = [f"{'family':<14}{'shards':>8}{'samples':>12}{'tokens':>15}{'upsample':>10}{'tokens %':>11}"]
     for r in rows:
         lines.append(f"{r['family']:<14}{r['shards']:>8}{r['samples']:>12,}{r['tokens']:>15,}"
                      f"{r['upsample']:>9g}x{100 * r['share']:>10.1f}")
     lines.append(f"{'total':<14}{sum(r['shards'] for r in rows):>8}{sum(r['samples'] for r in rows):>12,}"
                  f"{sum(r['tokens'] for r in rows):>15,}{'':>10}{100.0:>11.1f}")
+    lines.append("tokens %: each family's share of the trained tokens (non-padding positions); rows are drawn so "
+                 "that tokens, not rows, follow it")
     return "\n".join(lines)
 
 
 def build_datasets(plan: BlendPlan, config_kwargs: dict, sizes: Sequence[Optional[int]]) -> list:
-    """Builds the train / valid / test ``BlendedDataset``s of a plan.
+    """Builds the train / valid / test ``BlendedDataset``s of a plan (rules: module docstring).
+
+    Megatron's ``BlendedMegatronDatasetBuilder`` gives every split the same weights and builds
+    a dataset for every shard and split, so it can neither leave a shard out of a split it
+    has no records in nor weigh rows by their tokens; this function builds the same
+    datasets through its ``build_generic_dataset`` (rank 0 first, then the other ranks from
+    its cache) with per-split weights. Each split's rows per shard are Megatron's
+    (``ceil(size * weight)`` plus its ``mid_level_dataset_surplus``).
 
     Args:
         plan: the blend.
         config_kwargs: ``UALMDatasetConfig`` fields (``random_seed``, ``sequence_length``,
             ``split``, ``vocab``, ``audio_in``, ``path_to_cache``, ...).
-        sizes: rows wanted per split (train, valid, test); None counts as 0 (Megatron needs a
-            size for every split of a weighted blend).
+        sizes: rows wanted per split (train, valid, test); None or 0: the split is not built.
 
     Returns:
-        ``[train, valid, test]`` (None for an empty split).
+        ``[train, valid, test]``, None for a split not built. Items carry ``dataset_id``, the
+        index of their shard in ``plan``.
+
+    Raises:
+        ShardError: a damaged shard, named with the file at fault.
+        ValueError: rows are asked of the train split but no shard has a record in it.
     """
     config = UALMDatasetConfig(blend=plan.megatron_blend(), **config_kwargs)
-    sizes = [int(n or 0) for n in sizes]
-    return BlendedMegatronDatasetBuilder(UALMDataset, sizes, lambda: True, config).build()
+    build = BlendedMegatronDatasetBuilder.build_generic_dataset
+    readers: dict[int, ShardReader] = {}
+    out = []
+    for split in Split:
+        size, bounds = int(sizes[split.value] or 0), config.split_matrix[split.value]
+        if size == 0 or bounds is None:
+            out.append(None)
+            continue
+        members = []  # (shard index, its records in this split)
+        for i, path in enumerate(plan.shards):
+            if i not in readers:
+                readers[i] = UALMDataset.build_low_level_dataset(path, config)
+            n = len(readers[i])
+            begin, end = int(round(bounds[0] * n)), int(round(bounds[1] * n))  # Megatron's split rule
+            if end > begin:
+                members.append((i, np.arange(begin, end, dtype=np.int32)))
+        if not members:
+            if split == Split.train:
+                raise ValueError(f"no shard has a record in the train split of split={config.split!r} "
+                                 f"({len(plan.shards)} shards, {sum(plan.samples)} records); give the train split "
+                                 "a larger part")
+            log_single_rank(logger, logging.WARNING,
+                            f"no shard has a record in the {split.name} split of split={config.split!r}: the "
+                            f"{split.name} split is left out (its {size} rows are not drawn)")
+            out.append(None)
+            continue
+        if len(members) < len(plan.shards):
+            log_single_rank(logger, logging.WARNING,
+                            f"{len(members)} of {len(plan.shards)} shards have records in the {split.name} split "
+                            f"of split={config.split!r}; its blend is renormalised over them")
+        # One epoch of each shard's packed rows gives its tokens per row.
+        epochs = [build(UALMDataset, lambda: True, True, readers[i], plan.shards[i], ids, None, split, config)
+                  for i, ids in members]
+        rates = np.array([plan.weights[i] / ds.tokens_per_row for (i, _), ds in zip(members, epochs)])
+        weights = (rates / rates.sum()).tolist()
+        targets = [math.ceil(size * w) for w in weights]
+        datasets = []
+        for (i, ids), ds, target in zip(members, epochs, targets):
+            rows = math.ceil(target * (1 + config.mid_level_dataset_surplus))
+            if len(ds) < rows:
+                ds = build(UALMDataset, lambda: True, True, readers[i], plan.shards[i], ids, rows, split, config)
+            ds.shard_index = i
+            datasets.append(ds)
+        out.append(build(BlendedDataset, lambda: True, True, datasets, weights, sum(targets), config))
+    return out
 
 
 def load_plan(path: str) -> BlendPlan:
-    """Reads a blend file written by ``tools/build_blend.py``."""
-    with open(path) as f:
-        return BlendPlan.from_json(json.load(f))
+    """Reads a blend file written by ``tools/build_blend.py``.
+
+    A blend file written before blend files stored the token-id layout gets it from its
+    shards' sidecars.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON, not a blend file, or a field missing or malformed (named).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"blend file {path} does not exist; write it with "
+                                f"tools/build_blend.py SHARD_DIRS --output {path}")
+    try:
+        with open(path) as f:
+            blob = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a blend file: invalid JSON ({err})") from None
+    try:
+        plan = BlendPlan.from_json(blob)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if plan.vocab_layout is None:
+        plan.vocab_layout = shared_layout([(p, shard_layout(read_sidecar(p))) for p in plan.shards])
+    return plan
 
 
 def build_data_loader(dataset, seq_length: int, vocab, micro_batch_size: int, consumed_samples: int = 0,

@@ -16,6 +16,10 @@ packing whole documents (records) in the sequence format of ``megatron_ualm.data
 - Randomness of an item is drawn from a generator keyed by (dataset, item index) alone, so
   item ``i`` is the same whether or not items ``< i`` were read: training resumes from a
   consumed-samples count exactly.
+
+The shard is checked when it is opened (``ShardReader``: file sizes against the index,
+sidecar counts against both), so a damaged shard fails when the datasets are built, naming
+the shard and the file, not at a training step.
 """
 
 from __future__ import annotations
@@ -156,11 +160,19 @@ class UALMDataset(MegatronDataset):
     Args:
         dataset: the shard.
         dataset_path: the shard directory.
-        indices: record ids of this split.
+        indices: record ids of this split (at least one).
         num_samples: rows wanted (None: one epoch).
         index_split: train / valid / test.
         config: the dataset config.
+
+    Attributes:
+        shard_index: the shard's index in its blend plan, set by ``blend.build_datasets``.
+            Items then carry it as ``dataset_id``, in place of ``BlendedDataset``'s own index
+            (the index among the split's datasets), which differs when a shard too small for a
+            split is left out of it.
     """
+
+    shard_index: Optional[int] = None
 
     def __init__(self, dataset: ShardReader, dataset_path: Optional[str], indices: np.ndarray,
                  num_samples: Optional[int], index_split: Split, config: UALMDatasetConfig) -> None:
@@ -214,7 +226,8 @@ class UALMDataset(MegatronDataset):
             if all(os.path.isfile(p) for p in paths):
                 return np.load(paths[0], mmap_mode="r"), np.load(paths[1], mmap_mode="r")
         if len(self._lengths) == 0:
-            raise ValueError(f"{self.dataset_path}: the {self.index_split.name} split holds no records")
+            raise ValueError(f"{self.dataset_path}: the {self.index_split.name} split holds no records (blend."
+                             "build_datasets leaves such a shard out of the split)")
         rng = np.random.RandomState(self.config.random_seed)
         rows: list[list[int]] = []
         while not rows or (self.num_samples is not None and len(rows) < self.num_samples):
@@ -233,6 +246,11 @@ class UALMDataset(MegatronDataset):
 
     def __len__(self) -> int:
         return len(self.row_offsets) - 1
+
+    @property
+    def tokens_per_row(self) -> float:
+        """Mean non-padding positions of the packed rows built (before CFG dropout)."""
+        return float(self._lengths[np.asarray(self.row_documents)].sum()) / len(self)
 
     def _messages(self, segments: list[Segment], windows: list[np.ndarray], lengths: list[int]) -> list[Message]:
         """Messages for ``build_sample``; appends each audio-in message's encoder windows."""
@@ -262,7 +280,8 @@ class UALMDataset(MegatronDataset):
         Returns:
             dict with ``tokens [L]``, ``codes [K, L]``, ``text_target [L]``, ``code_target [K, L]``
             (unshifted, ``L <= sequence_length + 1``), ``doc_lengths [d]``, ``audio_in_features
-            [n, n_mels, window]`` and ``audio_in_lengths [n]``; batch with ``collate_packed``.
+            [n, n_mels, window]`` and ``audio_in_lengths [n]`` (and ``dataset_id`` when
+            ``shard_index`` is set); batch with ``collate_packed``.
         """
         rng = np.random.default_rng([self._seed, int(idx)])
         docs = self.row_documents[self.row_offsets[idx]:self.row_offsets[idx + 1]]
@@ -277,7 +296,9 @@ class UALMDataset(MegatronDataset):
         else:
             a = self.config.audio_in or AudioInConfig()
             features = torch.zeros(0, a.n_mels, a.window_mel_frames)
+        item = {} if self.shard_index is None else {"dataset_id": self.shard_index}
         return {
+            **item,
             "tokens": torch.cat([s.tokens for s in samples]),
             "codes": torch.cat([s.codes for s in samples], dim=1),
             "text_target": torch.cat([s.text_target for s in samples]),

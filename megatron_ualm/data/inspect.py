@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Optional
 
 import numpy as np
 
 from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, MEL_HOP
-from megatron_ualm.data.shards import (KINDS, SIDECAR, STREAM_OF_KIND, Segment, ShardReader, decode_mode,
-                                       read_sidecar)
+from megatron_ualm.data.shards import KINDS, Segment, ShardError, ShardReader
 from megatron_ualm.data.tokenizer import TextTokenizer
-from megatron_ualm.vocab import ROLES
 
 
 def describe_segment(s: Segment, tokenizer: Optional[TextTokenizer], frame_rate: Optional[float]) -> str:
@@ -49,106 +45,28 @@ def shard_stats(reader: ShardReader) -> dict:
     }
 
 
-def _check_index(path: str, name: str, itemsize: int) -> list[str]:
-    """Offsets of an .idx against its .bin: contiguous pointers and the exact file size."""
-    from megatron.core.datasets.indexed_dataset import _IndexReader
-
-    idx, bin_ = os.path.join(path, f"{name}.idx"), os.path.join(path, f"{name}.bin")
-    for f in (idx, bin_):
-        if not os.path.isfile(f):
-            return [f"{f} is missing"]
-    try:
-        index = _IndexReader(idx, multimodal=name == "text")
-    except Exception as err:  # a truncated or foreign .idx fails in numpy or the header check
-        return [f"{idx}: unreadable index ({err})"]
-    problems = []
-    lengths = index.sequence_lengths.astype(np.int64)
-    pointers = index.sequence_pointers
-    expected = np.concatenate([[0], np.cumsum(lengths * itemsize)[:-1]]) if len(lengths) else lengths
-    if not np.array_equal(pointers, expected):
-        bad = int(np.nonzero(pointers != expected)[0][0])
-        problems.append(f"{idx}: sequence {bad} starts at byte {int(pointers[bad])}, expected {int(expected[bad])}")
-    size = os.path.getsize(bin_)
-    if size != int(lengths.sum()) * itemsize:
-        problems.append(f"{bin_}: {size} bytes, the index describes {int(lengths.sum()) * itemsize}")
-    docs = index.document_indices
-    if len(docs) == 0 or docs[0] != 0 or docs[-1] != len(lengths) or np.any(np.diff(docs) <= 0):
-        problems.append(f"{idx}: document index is not increasing from 0 to {len(lengths)}")
-    return problems
-
-
 def validate_shard(path: str) -> list[str]:
     """Every problem found in a shard (empty when valid).
 
-    Checks the sidecar, each stream's index against its data file, stream alignment, message
-    modes and stream use, value ranges (text ids < tokenizer vocab, codes < codebook size,
-    codes a whole number of K-row frames, mel a whole number of n_mels rows), and that the
-    sidecar's counts match the data.
+    ``check_shard``'s checks (files, index against data, stream alignment, message modes and
+    stream use, sidecar counts; the same that ``build_blend`` and training run), then a scan of
+    the data for value ranges: text ids below the tokenizer's vocabulary, codes below the
+    codebook size.
     """
     try:
-        meta = read_sidecar(path)
-    except (ValueError, json.JSONDecodeError) as err:
-        return [str(err)]
-    problems = []
-    for name, dtype in meta["streams"].items():
-        problems += _check_index(path, name, np.dtype(dtype).itemsize)
-    if problems:
-        return problems
-    try:
         reader = ShardReader(path)
-    except ValueError as err:
-        return [str(err)]
-    vocab_size = meta["tokenizer"]["vocab_size"]
-    codec = meta.get("codec") or {}
-    counts = dict(samples=len(reader), text_tokens=0, audio_out_frames=0, audio_in_frames=0)
-    sidecar = os.path.join(path, SIDECAR)
+    except ShardError as err:
+        return err.problems
+    problems = []
+    vocab_size = reader.meta["tokenizer"]["vocab_size"]
+    card = (reader.meta.get("codec") or {}).get("codebook_size", 0)
     for d in range(len(reader)):
-        s0 = int(reader.document_indices[d])
-        for j in range(s0, int(reader.document_indices[d + 1])):
-            mode = int(reader.modes[j])
-            if (mode & 3) >= len(KINDS) or ((mode >> 2) & 3) >= len(ROLES):
-                problems.append(f"{path}: record {d} message {j - s0}: invalid mode {mode}")
-                continue
-            _, kind, _ = decode_mode(mode)
-            for name, ds in reader.streams.items():
-                if name != STREAM_OF_KIND[kind] and ds.sequence_lengths[j]:
-                    problems.append(f"{path}: record {d} message {j - s0} ({kind}) has data in stream {name}")
-        try:
-            segments = reader.document(d)
-        except ValueError as err:
-            problems.append(f"{path}: record {d}: {err}")
-            continue
-        for m, s in enumerate(segments):
+        for m, s in enumerate(reader.document(d)):
             where = f"{path}: record {d} message {m} ({s.kind})"
-            if s.kind == "text":
-                if s.data.size and (s.data.min() < 0 or s.data.max() >= vocab_size):
-                    problems.append(f"{where}: text ids outside [0, {vocab_size})")
-                counts["text_tokens"] += s.units()
-            elif s.kind == "audio_out":
-                if s.data.size and s.data.max() >= codec.get("codebook_size", 0):
-                    problems.append(f"{where}: codes outside [0, {codec.get('codebook_size')})")
-                if s.data.shape[1] == 0:
-                    problems.append(f"{where}: no codec frames")
-                counts["audio_out_frames"] += s.units()
-            else:
-                if s.units() == 0:
-                    problems.append(f"{where}: no audio")
-                counts["audio_in_frames"] += s.units()
+            if s.kind == "text" and s.data.size and (s.data.min() < 0 or s.data.max() >= vocab_size):
+                problems.append(f"{where}: text ids outside [0, {vocab_size})")
+            elif s.kind == "audio_out" and s.data.size and s.data.max() >= card:
+                problems.append(f"{where}: codes outside [0, {card})")
         if len(problems) > 20:
-            problems.append("... (stopped after 20 problems)")
-            return problems
-    if "codes" in reader.streams:
-        bad = np.nonzero(reader.streams["codes"].sequence_lengths % reader.num_codebooks)[0]
-        if len(bad):
-            problems.append(f"{path}: codes sequence {int(bad[0])} is not a whole number of K={reader.num_codebooks} rows")
-    if meta.get("audio_in_storage") == "mel":
-        bad = np.nonzero(reader.streams["audio"].sequence_lengths % reader.n_mels)[0]
-        if len(bad):
-            problems.append(f"{path}: mel sequence {int(bad[0])} is not a whole number of n_mels={reader.n_mels} rows")
-    for key, value in counts.items():
-        if meta["counts"].get(key) != value:
-            problems.append(f"{sidecar}: counts.{key} = {meta['counts'].get(key)}, the data holds {value}")
-    if meta["counts"].get("tokens") != int(reader.document_lengths().sum()):
-        problems.append(f"{sidecar}: counts.tokens = {meta['counts'].get('tokens')}, the data holds "
-                        f"{int(reader.document_lengths().sum())}")
+            return problems + ["... (stopped after 20 problems)"]
     return problems

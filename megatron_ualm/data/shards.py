@@ -4,8 +4,10 @@ A shard is a directory, written under a temporary name and renamed into place wh
 so a half-written shard is never visible under its final name::
 
     <out>/<name>-00007/
-        shard.json        sidecar: family, format version, tokenizer and codec identity, K,
-                          frame rates, counts (samples, tokens, text tokens, frames, seconds)
+        shard.json        sidecar: family, format version, tokenizer and codec identity (with
+                          absolute paths), K, frame rates, the token-id layout (``vocab``,
+                          ``vocab_fingerprint``), counts (samples, tokens, text tokens,
+                          frames, seconds)
         text.bin/.idx     stream 0: int32 text ids; one sequence per message; the sequence
                           mode (int8) encodes role, content kind and the condition flag
         codes.bin/.idx    audio out: uint16 codec codes, a message's [K, T] row-major
@@ -17,6 +19,11 @@ All streams of a shard hold the same documents (one per training record) and the
 sequences (one per message); a message puts its content in the stream of its kind and an
 empty sequence in the others. Keeping Megatron's .bin/.idx layout gives mmap reads, the
 document index, and compatibility with Megatron's own tooling.
+
+Readers check a shard before using it (``check_shard``, from the sidecar and the ``.idx``
+files alone): each ``.bin`` has exactly the bytes its index describes, the streams are
+aligned, and the sidecar's counts are the index's. A shard that fails raises ``ShardError``
+naming the shard and the file.
 """
 
 from __future__ import annotations
@@ -30,11 +37,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, _IndexReader
 
 from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, MEL_HOP, MEL_PER_AUDIO_IN_FRAME, SAMPLES_PER_AUDIO_IN_FRAME
 from megatron_ualm.data.errors import RecordError
-from megatron_ualm.vocab import ROLES
+from megatron_ualm.vocab import ROLES, layout_fingerprint, vocab_layout
 
 SHARD_FORMAT = "ualm-shard"
 SHARD_FORMAT_VERSION = 1
@@ -43,10 +50,34 @@ REJECTED = "rejected.jsonl"
 FAMILIES = ("understanding", "generation", "text")
 KINDS = ("text", "audio_out", "audio_in")
 STREAM_OF_KIND = {"text": "text", "audio_out": "codes", "audio_in": "audio"}
+KIND_OF_STREAM = {stream: KINDS.index(kind) for kind, stream in STREAM_OF_KIND.items()}
 STREAM_DTYPES = {"text": np.int32, "codes": np.uint16}
 AUDIO_STORAGE_DTYPES = {"pcm16": np.int16, "mel": np.float32}
 
 _CONDITION_BIT = 16
+COUNTED = ("samples", "tokens", "text_tokens", "audio_out_frames", "audio_in_frames")
+"""Sidecar counts that the index determines (checked against it)."""
+
+
+class ShardError(ValueError):
+    """A shard that cannot be used as written: a missing or damaged file, or a sidecar that
+    disagrees with its data.
+
+    Args:
+        message: one line naming the shard and the file at fault.
+        problems: every problem found, each naming its file (default: ``[message]``).
+    """
+
+    def __init__(self, message: str, problems: Optional[list] = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems is not None else [message]
+
+    @classmethod
+    def damaged(cls, path: str, problems: list) -> "ShardError":
+        """The error for a shard with ``problems`` (the first three are shown)."""
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        return cls(f"damaged shard {path}: {shown}. Delete the shard and rerun its preprocessing command to "
+                   "rewrite it (tools/inspect_shards.py lists every problem)", problems)
 
 
 def encode_mode(role: str, kind: str, condition: bool) -> int:
@@ -128,7 +159,7 @@ class ShardWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
         os.makedirs(self.tmp)
         self.family = family
-        self.header = header
+        self.header = absolute_paths(header)
         self.streams = {"text": np.int32}
         if codes:
             self.streams["codes"] = np.uint16
@@ -207,6 +238,8 @@ class ShardWriter:
         for name, builder in self._builders.items():
             builder.finalize(os.path.join(self.tmp, f"{name}.idx"))
         self._rejected.close()
+        codec = self.header.get("codec") or {}
+        layout = vocab_layout(self.header.get("tokenizer"), None, codec.get("num_codebooks"), codec.get("codebook_size"))
         sidecar = {
             "format": SHARD_FORMAT,
             "version": SHARD_FORMAT_VERSION,
@@ -214,6 +247,8 @@ class ShardWriter:
             "streams": {name: np.dtype(dtype).name for name, dtype in self.streams.items()},
             "audio_in_storage": self.audio_storage,
             **self.header,
+            "vocab": layout,
+            "vocab_fingerprint": layout_fingerprint(layout),
             "counts": {k: round(v, 3) if isinstance(v, float) else v for k, v in self.counts.items()},
             "reject_reasons": self.reject_reasons,
         }
@@ -232,22 +267,233 @@ class ShardWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+RECORDED_PATHS = ("tokenizer", "codec")
+"""Sidecar entries whose ``path`` names a file or directory the shard was made with."""
+
+
+def absolute_paths(header: dict) -> dict:
+    """``header`` with its recorded paths made absolute (those that exist from here)."""
+    out = dict(header)
+    for key in RECORDED_PATHS:
+        entry = out.get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"] \
+                and not os.path.isabs(entry["path"]) and os.path.exists(entry["path"]):
+            out[key] = {**entry, "path": os.path.abspath(entry["path"])}
+    return out
+
+
+def resolve_recorded_path(shard: str, recorded: Optional[str]) -> Optional[str]:
+    """Where a path recorded in a shard's sidecar (tokenizer, codec) is now, whatever the cwd.
+
+    Sidecars record absolute paths. Older ones recorded the path as typed, relative to the
+    directory preprocessing ran in, which was not recorded: usually the shard's output
+    directory or one of its parents (the project root). Such a path is looked up against the
+    shard directory and each parent in turn, then against the working directory; the first
+    that exists wins. A path found nowhere comes back as recorded.
+    """
+    if not recorded or os.path.isabs(recorded):
+        return recorded
+    here = os.path.abspath(shard)
+    while True:
+        candidate = os.path.join(here, recorded)
+        if os.path.exists(candidate):
+            return candidate
+        parent = os.path.dirname(here)
+        if parent == here:
+            break
+        here = parent
+    return os.path.abspath(recorded) if os.path.exists(recorded) else recorded
+
+
 def read_sidecar(path: str) -> dict:
-    """Loads and checks a shard's sidecar.
+    """Loads and checks a shard's sidecar; recorded paths come back resolved (``resolve_recorded_path``).
 
     Raises:
-        ValueError: no sidecar, or a format / version this code cannot read.
+        ShardError: no sidecar, not JSON, or a format / version this code cannot read.
     """
     file = os.path.join(path, SIDECAR)
     if not os.path.isfile(file):
-        raise ValueError(f"{path} is not a complete UALM shard: {file} is missing")
-    with open(file) as f:
-        meta = json.load(f)
-    if meta.get("format") != SHARD_FORMAT or meta.get("version") != SHARD_FORMAT_VERSION:
-        raise ValueError(
-            f"{file}: format {meta.get('format')!r} version {meta.get('version')!r}; this code reads "
-            f"{SHARD_FORMAT!r} version {SHARD_FORMAT_VERSION}"
-        )
+        raise ShardError(f"{path} is not a complete UALM shard: {file} is missing")
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT or meta.get("version") != SHARD_FORMAT_VERSION:
+        found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (type(meta).__name__, None)
+        raise ShardError(f"{file}: format {found[0]!r} version {found[1]!r}; this code reads "
+                         f"{SHARD_FORMAT!r} version {SHARD_FORMAT_VERSION}")
+    for key in RECORDED_PATHS:
+        entry = meta.get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            entry["path"] = resolve_recorded_path(path, entry["path"])
+    return meta
+
+
+def shard_layout(meta: dict) -> dict:
+    """A shard's token-id layout: its sidecar's ``vocab``, or for a shard written before sidecars
+    carried one, the layout its tokenizer and codec fields imply."""
+    if meta.get("vocab"):
+        return meta["vocab"]
+    codec = meta.get("codec") or {}
+    return vocab_layout(meta.get("tokenizer"), None, codec.get("num_codebooks"), codec.get("codebook_size"))
+
+
+def sequence_units(kinds: np.ndarray, lengths: dict, num_codebooks: int, audio_storage: Optional[str],
+                   n_mels: Optional[int]) -> np.ndarray:
+    """Text tokens / codec frames / 25 Hz audio-in frames of every message, from stream lengths.
+
+    Args:
+        kinds: int64 ``[n]`` message kinds (index into ``KINDS``).
+        lengths: int64 ``[n]`` element counts per stream name.
+        num_codebooks: K.
+        audio_storage: ``pcm16`` or ``mel`` when there is an audio stream.
+        n_mels: mel bins of ``mel`` storage.
+    """
+    units = lengths["text"].copy()
+    if "codes" in lengths:
+        units = np.where(kinds == 1, lengths["codes"] // num_codebooks, units)
+    if "audio" in lengths:
+        n = lengths["audio"]
+        frames = n // n_mels // MEL_PER_AUDIO_IN_FRAME if audio_storage == "mel" else -(-n // SAMPLES_PER_AUDIO_IN_FRAME)
+        units = np.where(kinds == 2, frames, units)
+    return units
+
+
+def sequence_format_lengths(kinds: np.ndarray, units: np.ndarray, document_indices: np.ndarray,
+                            num_codebooks: int) -> np.ndarray:
+    """Positions of every record in the sequence format (``document_length``), vectorised: int64 ``[d]``."""
+    content = np.where((kinds == 1) & (units > 0), units + num_codebooks - 1, units)
+    starts = document_indices[:-1]
+    return np.add.reduceat(content + 3, starts) + 1 if len(starts) else np.zeros(0, np.int64)
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.nonzero(mask)[0][0])
+
+
+def _open_index(path: str, name: str, dtype: np.dtype, problems: list) -> Optional[_IndexReader]:
+    """A stream's index checked against its .bin (dtype, contiguous pointers, exact size, document index)."""
+    idx, bin_ = os.path.join(path, f"{name}.idx"), os.path.join(path, f"{name}.bin")
+    missing = [f for f in (idx, bin_) if not os.path.isfile(f)]
+    if missing:
+        problems.extend(f"{f} is missing" for f in missing)
+        return None
+    try:
+        index = _IndexReader(idx, multimodal=name == "text")
+    except Exception as err:  # a truncated or foreign .idx fails in numpy or Megatron's header check
+        problems.append(f"{idx}: unreadable index ({type(err).__name__}: {err})")
+        return None
+    found = len(problems)
+    if np.dtype(index.dtype) != dtype:
+        problems.append(f"{idx}: holds {np.dtype(index.dtype).name}, the sidecar says {dtype.name}")
+    lengths = index.sequence_lengths.astype(np.int64)
+    expected = np.concatenate([[0], np.cumsum(lengths * dtype.itemsize)[:-1]]) if len(lengths) else lengths
+    if not np.array_equal(index.sequence_pointers, expected):
+        bad = _first(index.sequence_pointers != expected)
+        problems.append(f"{idx}: sequence {bad} starts at byte {int(index.sequence_pointers[bad])}, "
+                        f"expected {int(expected[bad])}")
+    size, described = os.path.getsize(bin_), int(lengths.sum()) * dtype.itemsize
+    if size != described:
+        problems.append(f"{bin_}: {size} bytes, the index describes {described}")
+    docs = index.document_indices
+    if len(docs) == 0 or docs[0] != 0 or docs[-1] != len(lengths) or np.any(np.diff(docs) <= 0):
+        problems.append(f"{idx}: document index is not increasing from 0 to {len(lengths)}")
+    return index if len(problems) == found else None
+
+
+def shard_problems(path: str, meta: dict) -> list[str]:
+    """Every problem ``check_shard`` finds (empty when the shard is usable); each names its file."""
+    sidecar = os.path.join(path, SIDECAR)
+    streams = meta.get("streams")
+    if not isinstance(streams, dict) or "text" not in streams:
+        return [f"{sidecar}: 'streams' must list the text stream, got {streams!r}"]
+    problems: list[str] = []
+    indexes = {}
+    for name, dtype in streams.items():
+        index = _open_index(path, name, np.dtype(dtype), problems)
+        if index is not None:
+            indexes[name] = index
+    if problems:
+        return problems
+    text = indexes["text"]
+    for name, index in indexes.items():
+        if len(index) != len(text) or not np.array_equal(index.document_indices, text.document_indices):
+            problems.append(f"{path}: stream {name} is not aligned with the text stream")
+    if problems:
+        return problems
+    docs = text.document_indices
+    modes = text.sequence_modes.astype(np.int64)
+    bad = (modes < 0) | ((modes & 3) >= len(KINDS)) | (((modes >> 2) & 3) >= len(ROLES))
+    if bad.any():
+        j = _first(bad)
+        return [f"{path}/text.idx: message {j} (record {int(np.searchsorted(docs, j, 'right')) - 1}) has an "
+                f"invalid mode {int(modes[j])}"]
+    kinds = modes & 3
+    lengths = {name: index.sequence_lengths.astype(np.int64) for name, index in indexes.items()}
+
+    def where(j: int) -> str:
+        d = int(np.searchsorted(docs, j, "right")) - 1
+        return f"{path}: record {d} message {j - int(docs[d])} ({KINDS[int(kinds[j])]})"
+
+    for name, n in lengths.items():
+        stray = (n > 0) & (kinds != KIND_OF_STREAM[name])
+        if stray.any():
+            problems.append(f"{where(_first(stray))} has data in stream {name} ({int(stray.sum())} such messages)")
+    for kind, name, what in ((1, "codes", "no codec frames"), (2, "audio", "no audio")):
+        if name in lengths:
+            empty = (kinds == kind) & (lengths[name] == 0)
+            if empty.any():
+                problems.append(f"{where(_first(empty))}: {what}")
+    codec, audio_in = meta.get("codec") or {}, meta.get("audio_in") or {}
+    num_codebooks = int(codec.get("num_codebooks", 1))
+    storage, n_mels = meta.get("audio_in_storage"), audio_in.get("n_mels")
+    if "codes" in lengths and (lengths["codes"] % num_codebooks).any():
+        problems.append(f"{where(_first(lengths['codes'] % num_codebooks > 0))}: codes are not a whole number "
+                        f"of K={num_codebooks} rows")
+    if "audio" in lengths and storage == "mel":
+        if not n_mels:
+            return problems + [f"{sidecar}: audio_in.n_mels is missing for mel storage"]
+        if (lengths["audio"] % n_mels).any():
+            problems.append(f"{where(_first(lengths['audio'] % n_mels > 0))}: mel features are not a whole "
+                            f"number of n_mels={n_mels} rows")
+    units = sequence_units(kinds, lengths, num_codebooks, storage, n_mels)
+    held = {"samples": len(docs) - 1,
+            "tokens": int(sequence_format_lengths(kinds, units, docs, num_codebooks).sum()),
+            "text_tokens": int(units[kinds == 0].sum()),
+            "audio_out_frames": int(units[kinds == 1].sum()),
+            "audio_in_frames": int(units[kinds == 2].sum())}
+    counts = meta.get("counts") or {}
+    for key in COUNTED:
+        if counts.get(key) != held[key]:
+            problems.append(f"{sidecar}: counts.{key} = {counts.get(key)}, the index holds {held[key]}")
+    return problems
+
+
+def check_shard(path: str, meta: Optional[dict] = None) -> dict:
+    """Checks a shard from its sidecar and ``.idx`` files, without reading the data.
+
+    Each stream's ``.bin`` has exactly the bytes its ``.idx`` describes, with contiguous
+    pointers and the sidecar's dtype; the streams hold the same records and messages; message
+    modes are valid and each message's content is in its own stream (codes a whole number of
+    K rows, mel features of n_mels rows); and the sidecar's counts (samples, tokens, text
+    tokens, codec and audio-in frames) are the index's. Value ranges need the data:
+    ``megatron_ualm.data.inspect.validate_shard`` adds those.
+
+    Args:
+        path: the shard directory.
+        meta: its sidecar, if already read.
+
+    Returns:
+        The sidecar.
+
+    Raises:
+        ShardError: listing every problem, each naming its file.
+    """
+    meta = read_sidecar(path) if meta is None else meta
+    problems = shard_problems(path, meta)
+    if problems:
+        raise ShardError.damaged(path, problems)
     return meta
 
 
@@ -260,15 +506,14 @@ class ShardReader:
 
     def __init__(self, path: str):
         self.path = path
-        self.meta = read_sidecar(path)
+        self.meta = check_shard(path)
+        # mmap cannot map an empty file: a shard whose every record was rejected reads by file.
         self.streams = {
-            name: IndexedDataset(os.path.join(path, name), multimodal=name == "text")
+            name: IndexedDataset(os.path.join(path, name), multimodal=name == "text",
+                                 mmap=os.path.getsize(os.path.join(path, f"{name}.bin")) > 0)
             for name in self.meta["streams"]
         }
         text = self.streams["text"]
-        for name, ds in self.streams.items():
-            if len(ds) != len(text) or not np.array_equal(ds.document_indices, text.document_indices):
-                raise ValueError(f"{path}: stream {name} is not aligned with the text stream")
         self.document_indices = text.document_indices
         self.modes = text.index.sequence_modes
         codec = self.meta.get("codec") or {}
@@ -285,7 +530,11 @@ class ShardReader:
         that outlived the reader would read unmapped memory.
         """
         s0, s1 = int(self.document_indices[d]), int(self.document_indices[d + 1])
-        parts = {name: ds[s0:s1] for name, ds in self.streams.items()}
+        try:
+            parts = {name: ds[s0:s1] for name, ds in self.streams.items()}
+        except (ValueError, IndexError) as err:  # a file that changed on disk after the check
+            raise ShardError(f"{self.path}: record {d} cannot be read ({err}); the shard changed after it was "
+                             "opened") from None
         texts, modes = parts["text"]
         segments = []
         for j in range(s1 - s0):
@@ -304,17 +553,6 @@ class ShardReader:
     def document_lengths(self) -> np.ndarray:
         """Positions of every record in the sequence format, from the index alone: int64 ``[n]``."""
         kinds = self.modes.astype(np.int64) & 3
-        units = self.streams["text"].sequence_lengths.astype(np.int64).copy()
-        if "codes" in self.streams:
-            frames = self.streams["codes"].sequence_lengths.astype(np.int64) // self.num_codebooks
-            units = np.where(kinds == 1, frames + np.where(frames > 0, self.num_codebooks - 1, 0), units)
-        if "audio" in self.streams:
-            n = self.streams["audio"].sequence_lengths.astype(np.int64)
-            if self.meta["audio_in_storage"] == "mel":
-                frames = n // self.n_mels // MEL_PER_AUDIO_IN_FRAME
-            else:
-                frames = -(-n // SAMPLES_PER_AUDIO_IN_FRAME)
-            units = np.where(kinds == 2, frames, units)
-        per_sequence = units + 3
-        starts = self.document_indices[:-1]
-        return np.add.reduceat(per_sequence, starts) + 1 if len(starts) else np.zeros(0, np.int64)
+        lengths = {name: ds.sequence_lengths.astype(np.int64) for name, ds in self.streams.items()}
+        units = sequence_units(kinds, lengths, self.num_codebooks, self.meta.get("audio_in_storage"), self.n_mels)
+        return sequence_format_lengths(kinds, units, self.document_indices, self.num_codebooks)

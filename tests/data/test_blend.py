@@ -35,19 +35,86 @@ def test_weights_are_tokens_times_upsampling(plan):
     assert np.allclose(np.array(text) / sum(text), np.array(text_tokens) / sum(text_tokens))
 
 
-def test_realised_proportions_over_10k_samples(plan, vocab):
-    train, _, _ = build_datasets(plan, config(vocab), [10000, None, None])
-    index = np.asarray(train.dataset_index[:10000])
-    share = {row["family"]: row["share"] for row in plan.family_table()}
-    for family, planned in share.items():
-        ids = [i for i, f in enumerate(plan.families) if f == family]
-        assert abs(np.isin(index, ids).mean() - planned) < 0.01, family
-    # Every drawn row really comes from its shard's family.
-    for i in range(0, 10000, 997):
+def family_of(plan):
+    return {family: [i for i, f in enumerate(plan.families) if f == family] for family in set(plan.families)}
+
+
+def test_every_drawn_row_comes_from_its_shard(plan, vocab):
+    train, _, _ = build_datasets(plan, config(vocab), [2000, None, None])
+    index = np.asarray(train.dataset_index)
+    assert sorted(np.unique(index)) == list(range(len(plan.shards)))
+    for i in range(0, 2000, 197):
         item = train[i]
         family = plan.families[int(item["dataset_id"])]
         has_audio_out = bool((item["tokens"] == vocab.audio_out).any())
         assert has_audio_out == (family == "generation")
+
+
+@pytest.fixture(scope="module")
+def sparse_generation(tmp_path_factory, tokenizer_path):
+    """Generation shards of precomputed codes whose records fill about 2/3 of a 100-position row."""
+    from megatron_ualm.data.cli import preprocess_generation_main
+
+    out = tmp_path_factory.mktemp("sparse")
+    rng = np.random.default_rng(0)
+    with open(out / "g.jsonl", "w") as f:
+        for i in range(60):
+            frames = int(rng.integers(40, 60))
+            f.write(json.dumps({"caption": "dog bark rain", "codes": rng.integers(0, 64, (8, frames)).tolist()}) + "\n")
+    assert preprocess_generation_main(["--input", str(out / "g.jsonl"), "--output", str(out / "gen"), "--codec",
+                                       "precomputed", "--num-codebooks", "8", "--codebook-size", "64", "--frame-rate",
+                                       "50", "--records-per-shard", "20", "--tokenizer", tokenizer_path,
+                                       "--no-progress"]) == 0
+    return str(out / "gen")
+
+
+def test_realised_token_shares_follow_the_plan(corpus, sparse_generation, vocab):
+    """Generation rows here are 2/3 full, text rows nearly full: tokens, not rows, follow the plan."""
+    plan = plan_blend(find_shards([corpus["text"], sparse_generation]))
+    n = 2000
+    train, _, _ = build_datasets(plan, dict(config(vocab), sequence_length=100), [n, None, None])
+    tokens, rows = {"text": 0, "generation": 0}, {"text": 0, "generation": 0}
+    for i in range(n):
+        item = train[i]
+        family = plan.families[int(item["dataset_id"])]
+        tokens[family] += int(item["tokens"].numel())  # the row's non-padding positions
+        rows[family] += 1
+    assert tokens["text"] / rows["text"] > 1.3 * tokens["generation"] / rows["generation"]
+    for row in plan.family_table():
+        realised = tokens[row["family"]] / sum(tokens.values())
+        assert abs(realised - row["share"]) < 0.01, (row, tokens, rows)
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory, tokenizer_path):
+    """Text shards of 40, 40 and 3 records."""
+    from megatron_ualm.data.cli import preprocess_text_main
+
+    out = tmp_path_factory.mktemp("small")
+    with open(out / "t.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": f"dog bark rain {i}"}) + "\n" for i in range(83))
+    assert preprocess_text_main(["--input", str(out / "t.jsonl"), "--output", str(out / "text"), "--records-per-shard",
+                                 "40", "--tokenizer", tokenizer_path, "--no-progress"]) == 0
+    return str(out / "text")
+
+
+def test_small_shards_train_under_the_default_split(small_text, corpus, vocab, caplog):
+    """98,1,1 gives a 40-record shard one valid record and no test record, a 3- or 16-record one neither."""
+    plan = plan_blend(find_shards([small_text, corpus["generation"]]))
+    assert sorted(plan.samples) == [3, 16, 16, 16, 40, 40]
+    train, valid, test = build_datasets(plan, dict(config(vocab), split="98,1,1"), [300, 20, 20])
+    assert sorted(np.unique(np.asarray(train.dataset_index)).tolist()) == list(range(len(plan.shards)))
+    forty = {i for i, n in enumerate(plan.samples) if n == 40}
+    assert {int(valid[i]["dataset_id"]) for i in range(len(valid))} == forty  # the plan's index, not the split's
+    assert len(valid) >= 20 and test is None
+    assert "no shard has a record in the test split" in caplog.text
+    assert "2 of 6 shards have records in the valid split" in caplog.text
+    # Shards too small for any valid record: training still builds; evaluation is skipped (None).
+    tiny = plan_blend([p for p, n in zip(plan.shards, plan.samples) if n < 40])
+    train, valid, test = build_datasets(tiny, dict(config(vocab), split="98,1,1"), [100, 20, 20])
+    assert len(train) >= 100 and valid is None and test is None
+    with pytest.raises(ValueError, match="no shard has a record in the train split"):
+        build_datasets(tiny, dict(config(vocab), split="1,1,98"), [100, 20, 20])
 
 
 def batches(loader, n):
@@ -107,6 +174,7 @@ def test_build_blend_rejects_mixed_tokenizers(corpus, tmp_path, sentencepiece_pa
     assert preprocess_text_main(["--input", str(manifest), "--output", str(tmp_path / "sp"), "--tokenizer",
                                  sentencepiece_path, "--no-progress"]) == 0
     assert build_blend_main([corpus["text"], str(tmp_path / "sp"), "--output", str(tmp_path / "b.json")]) == 1
-    assert "another tokenizer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "layout mismatch" in err and "tokenizer sha256" in err and str(tmp_path / "sp") in err
     with pytest.raises(SystemExit):
         build_blend_main([corpus["text"], "--output", str(tmp_path / "b.json"), "--upsample", "speech=2"])

@@ -21,7 +21,7 @@ SEQ = 128
 
 
 def first_shard(out: str) -> str:
-    return sorted(glob.glob(os.path.join(out, "*-[0-9]*")))[0]
+    return os.path.dirname(sorted(glob.glob(os.path.join(out, "*-[0-9]*", "shard.json")))[0])
 
 
 def make(path, vocab, seq=SEQ, p=0.0, num_samples=None, seed=3, audio_in=AudioInConfig(16, 2)):
@@ -135,7 +135,7 @@ def test_understanding_rows_over_long_records(corpus, vocab):
 
 
 def test_cfg_dropout_rate_and_determinism(corpus, vocab):
-    paths = sorted(glob.glob(os.path.join(corpus["generation"], "*-[0-9]*")))
+    paths = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(corpus["generation"], "*-[0-9]*", "shard.json")))
     dropped = total = 0
     for path in paths:
         ds = make(path, vocab, seq=256, p=0.5)

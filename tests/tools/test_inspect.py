@@ -13,7 +13,7 @@ from megatron_ualm.data.cli import inspect_shards_main
 
 
 def copy_first(out: str, tmp_path) -> str:
-    src = sorted(glob.glob(os.path.join(out, "*-[0-9]*")))[0]
+    src = os.path.dirname(sorted(glob.glob(os.path.join(out, "*-[0-9]*", "shard.json")))[0])
     dst = str(tmp_path / os.path.basename(src))
     shutil.copytree(src, dst)
     return dst
@@ -57,7 +57,7 @@ def test_validation_catches_sidecar_mismatch(corpus, tmp_path, capsys):
 
 def test_validation_catches_misaligned_streams(corpus, tmp_path, capsys):
     shard = copy_first(corpus["understanding"], tmp_path)
-    other = sorted(glob.glob(os.path.join(corpus["text"], "*-[0-9]*")))[0]
+    other = os.path.dirname(sorted(glob.glob(os.path.join(corpus["text"], "*-[0-9]*", "shard.json")))[0])
     for ext in ("bin", "idx"):
         shutil.copy(os.path.join(other, f"text.{ext}"), os.path.join(shard, f"text.{ext}"))
     assert inspect_shards_main([shard]) == 1
