@@ -13,10 +13,17 @@ Record layouts (JSONL lines or Parquet rows):
   (UALM-Reason enrichment), with ``condition`` it replaces the caption as the condition.
 - understanding (Audio Flamingo 3 style): ``{"audio"|"sound": ..., "start", "end",
   "conversations": [{"from": "human", "value": "<sound>\\nWhat is this?"}, {"from": "gpt", ...}]}``
-  (or ``messages``). The clip goes where ``<sound>`` is; without a marker, at the start of
-  the first user turn. Text around the marker becomes separate same-role messages.
+  (or ``messages``). Audio placement rule: the clip goes where the ``<sound>`` marker is (one
+  marker at most); a conversation without a marker gets the clip at the start of its first
+  user turn (after any system turn), before the question it is about. Such records are kept,
+  not rejected: a one-clip conversation has that one natural place for the clip, and
+  manifests that leave the marker out would otherwise lose every record. Text around the
+  marker becomes separate same-role messages.
 
 Every problem raises ``RecordError`` naming the field; the runner adds the manifest line.
+Audio: a file without samples is "empty audio" (the audio field); ``start`` / ``end`` past
+the clip's end are errors on that field that give the clip's length (``end`` may overrun by
+10 ms of timestamp rounding; it is never cut silently).
 """
 
 from __future__ import annotations
