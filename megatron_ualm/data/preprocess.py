@@ -407,8 +407,14 @@ def run(job: Job, task: Optional[Task] = None, manifests: Optional[Sequence[Mani
     size = lambda k: min(per_shard, total - k * per_shard)  # noqa: E731
     mine = task.shards(num_shards)
 
+    def sidecar(path: str) -> dict:
+        try:
+            return read_sidecar(path)
+        except ValueError as err:  # a shard directory someone altered by hand
+            raise OutputConflict(f"{err}; delete {path} and rerun to write it again") from None
+
     def conflict(path: str) -> None:
-        meta = read_sidecar(path)
+        meta = sidecar(path)
         if meta.get("run_key") != run_fields["run_key"]:
             raise OutputConflict(f"--output {job.output} holds shards of another run ({os.path.basename(path)}: "
                                  f"{_difference(meta, header, run_fields)}); write to a new --output or delete it")
@@ -436,7 +442,7 @@ def run(job: Job, task: Optional[Task] = None, manifests: Optional[Sequence[Mani
         shutil.rmtree(os.path.join(job.output, f".{os.path.basename(path)}.partial"), ignore_errors=True)
         if os.path.isdir(path):
             conflict(path)
-            account(read_sidecar(path))
+            account(sidecar(path))
             summary["shards_kept"] += 1
             summary["records_kept"] += size(k)
         else:
@@ -454,6 +460,9 @@ def run(job: Job, task: Optional[Task] = None, manifests: Optional[Sequence[Mani
     if encode_in_main is None:
         codec = getattr(converter, "codec", None)
         encode_in_main = codec is not None and str(getattr(codec, "device", "cpu")).startswith("cuda")
+    summary["workers"] = ("none: all in this process" if job.workers <= 1 else
+                          f"{job.workers} decode audio, this process runs the codec" if encode_in_main else
+                          f"{job.workers}, each converting whole shards")
     try:
         if job.workers <= 1:
             for path, records, first in shards:
