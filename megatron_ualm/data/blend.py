@@ -42,7 +42,7 @@ from megatron_ualm.vocab import check_layouts, layout_fingerprint
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_UPSAMPLE = {"understanding": 1.0, "generation": 2.0, "text": 1.0}
+DEFAULT_UPSAMPLE = {"understanding": 1.0, "generation": 2.0, "text": 1.0, "chat": 1.0, "preference": 1.0}
 BLEND_FORMAT = "ualm-blend"
 
 

@@ -91,7 +91,7 @@ def cut_segment(segment: Segment, units: int) -> Segment:
         d = d[: units * SAMPLES_PER_AUDIO_IN_FRAME]
     else:
         d = d[:, : units * MEL_PER_AUDIO_IN_FRAME]
-    return Segment(segment.role, segment.kind, d, segment.condition)
+    return Segment(segment.role, segment.kind, d, segment.condition, segment.loss)
 
 
 def fit_to_length(segments: list[Segment], budget: int, num_codebooks: int) -> list[Segment]:
@@ -118,7 +118,7 @@ def drop_condition(segments: list[Segment], probability: float, rng: np.random.G
     """Replaces the condition messages by empty text with ``probability`` (CFG training)."""
     if probability <= 0 or not any(s.condition for s in segments) or rng.random() >= probability:
         return segments
-    return [Segment(s.role, "text", np.zeros(0, np.int32), True) if s.condition else s for s in segments]
+    return [Segment(s.role, "text", np.zeros(0, np.int32), True, s.loss) if s.condition else s for s in segments]
 
 
 def pack_documents(lengths: np.ndarray, capacity: int, open_bins: int, order: np.ndarray) -> list[list[int]]:
@@ -199,6 +199,9 @@ class UALMDataset(MegatronDataset):
 
     def _check_compatible(self) -> None:
         meta, v, path = self.dataset.meta, self.vocab, self.dataset_path
+        if meta["family"] == "preference":
+            raise ValueError(f"{path} holds DPO preference pairs (chosen and rejected); train on it with "
+                             "python -m megatron_ualm.dpo, not in a packed blend")
         tok = meta["tokenizer"]["vocab_size"]
         if tok > v.text_vocab_size:
             raise ValueError(f"{path}: tokenizer has {tok} ids but the model's text_vocab_size is {v.text_vocab_size}")
@@ -257,9 +260,9 @@ class UALMDataset(MegatronDataset):
         messages = []
         for s in segments:
             if s.kind == "text":
-                messages.append(Message(s.role, "text", text=s.data))
+                messages.append(Message(s.role, "text", text=s.data, loss=s.loss))
             elif s.kind == "audio_out":
-                messages.append(Message(s.role, "audio", codes=torch.from_numpy(s.data.astype(np.int64))))
+                messages.append(Message(s.role, "audio", codes=torch.from_numpy(s.data.astype(np.int64)), loss=s.loss))
             else:
                 a = self.config.audio_in
                 if s.data.ndim == 1:
@@ -271,7 +274,7 @@ class UALMDataset(MegatronDataset):
                 frames = [v.shape[1] // MEL_PER_AUDIO_IN_FRAME for v in valid]
                 windows.extend(valid)
                 lengths.extend(frames)
-                messages.append(Message(s.role, "audio", audio_in_frames=sum(frames)))
+                messages.append(Message(s.role, "audio", audio_in_frames=sum(frames), loss=s.loss))
         return messages
 
     def __getitem__(self, idx: int) -> dict:

@@ -9,7 +9,7 @@ so a half-written shard is never visible under its final name::
                           ``vocab_fingerprint``), counts (samples, tokens, text tokens,
                           frames, seconds)
         text.bin/.idx     stream 0: int32 text ids; one sequence per message; the sequence
-                          mode (int8) encodes role, content kind and the condition flag
+                          mode (int8) encodes role, content kind, the condition flag and the loss flag
         codes.bin/.idx    audio out: uint16 codec codes, a message's [K, T] row-major
         audio.bin/.idx    audio in: int16 16 kHz PCM, or float32 valid log-mel frames
                           [n_mels, m] row-major (see ``megatron_ualm.data.audio``)
@@ -47,7 +47,7 @@ SHARD_FORMAT = "ualm-shard"
 SHARD_FORMAT_VERSION = 1
 SIDECAR = "shard.json"
 REJECTED = "rejected.jsonl"
-FAMILIES = ("understanding", "generation", "text")
+FAMILIES = ("understanding", "generation", "text", "chat", "preference")
 KINDS = ("text", "audio_out", "audio_in")
 STREAM_OF_KIND = {"text": "text", "audio_out": "codes", "audio_in": "audio"}
 KIND_OF_STREAM = {stream: KINDS.index(kind) for kind, stream in STREAM_OF_KIND.items()}
@@ -55,6 +55,7 @@ STREAM_DTYPES = {"text": np.int32, "codes": np.uint16}
 AUDIO_STORAGE_DTYPES = {"pcm16": np.int16, "mel": np.float32}
 
 _CONDITION_BIT = 16
+_LOSS_FLIP_BIT = 32
 COUNTED = ("samples", "tokens", "text_tokens", "audio_out_frames", "audio_in_frames")
 """Sidecar counts that the index determines (checked against it)."""
 
@@ -80,15 +81,27 @@ class ShardError(ValueError):
                    "rewrite it (tools/inspect_shards.py lists every problem)", problems)
 
 
-def encode_mode(role: str, kind: str, condition: bool) -> int:
-    """The int8 sequence mode of a message: ``kind | role << 2 | condition << 4``."""
-    return KINDS.index(kind) | ROLES.index(role) << 2 | (_CONDITION_BIT if condition else 0)
+def encode_mode(role: str, kind: str, condition: bool, loss: Optional[bool] = None) -> int:
+    """The int8 sequence mode of a message: ``kind | role << 2 | condition << 4 | loss_flip << 5``.
+
+    ``loss_flip`` is set when ``loss`` (train on the message; None: the role's default)
+    differs from the default, assistant messages trained and others not, so shards written
+    before the bit existed read with the default.
+    """
+    flip = loss is not None and bool(loss) != (role == "assistant")
+    return (KINDS.index(kind) | ROLES.index(role) << 2 | (_CONDITION_BIT if condition else 0)
+            | (_LOSS_FLIP_BIT if flip else 0))
 
 
 def decode_mode(mode: int) -> tuple[str, str, bool]:
     """(role, kind, condition) of a sequence mode."""
     mode = int(mode)
     return ROLES[(mode >> 2) & 3], KINDS[mode & 3], bool(mode & _CONDITION_BIT)
+
+
+def mode_loss(mode: int) -> bool:
+    """Whether the message of a sequence mode is trained (its role's default unless flipped)."""
+    return (ROLES[(int(mode) >> 2) & 3] == "assistant") != bool(int(mode) & _LOSS_FLIP_BIT)
 
 
 @dataclass
@@ -101,12 +114,14 @@ class Segment:
             (int16 PCM ``[n]`` or float32 valid mel frames ``[n_mels, m]``).
         data: the content.
         condition: the generation condition that CFG dropout may replace by an empty one.
+        loss: train on the message; None means the role's default (assistant only).
     """
 
     role: str
     kind: str
     data: np.ndarray
     condition: bool = False
+    loss: Optional[bool] = None
 
     def units(self) -> int:
         """Text tokens, codec frames T, or 25 Hz audio-in frames."""
@@ -199,7 +214,7 @@ class ShardWriter:
                         f"codes must lie in [0, {card}), got range [{int(s.data.min())}, {int(s.data.max())}]", "codes")
         for s in segments:
             stream = STREAM_OF_KIND[s.kind]
-            mode = encode_mode(s.role, s.kind, s.condition)
+            mode = encode_mode(s.role, s.kind, s.condition, s.loss)
             for name, builder in self._builders.items():
                 if name == stream:
                     builder.add_item(torch.from_numpy(np.ascontiguousarray(s.data).reshape(-1)), mode)
@@ -547,7 +562,7 @@ class ShardReader:
                 data = parts["audio"][j]
                 if self.meta["audio_in_storage"] == "mel":
                     data = data.reshape(self.n_mels, -1)
-            segments.append(Segment(role, kind, np.array(data), condition))
+            segments.append(Segment(role, kind, np.array(data), condition, mode_loss(modes[j])))
         return segments
 
     def document_lengths(self) -> np.ndarray:
