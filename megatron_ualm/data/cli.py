@@ -237,13 +237,28 @@ def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
         if args.flavor:
             from megatron_ualm.config import make_config
 
-            audio_in = AudioInConfig.from_model_config(make_config(args.flavor))
+            try:
+                config = make_config(args.flavor)
+            except ValueError as err:
+                raise UsageError(f"--flavor: {err}") from None
+            audio_in = AudioInConfig.from_model_config(config)
         else:
             audio_in = AudioInConfig(args.n_mels, args.window_seconds)
         return UnderstandingConverter, dict(tokenizer=args.tokenizer, storage=args.audio_in_storage,
                                             audio_decoder=args.audio_decoder, audio_in=audio_in, audio_root=_root(args))
 
     return _run(args, "understanding", converter)
+
+
+def _missing_paths(paths: Sequence[str]) -> Optional[str]:
+    """Names the shard arguments that match nothing (checked before Megatron-Core loads)."""
+    import glob
+
+    missing = [p for p in paths if not glob.glob(p)]
+    if not missing:
+        return None
+    return (f"{', '.join(missing)}: no such shard directory, output directory or glob; give the --output of a "
+            "preprocessing tool, a shard directory in it, or a glob such as shards/*")
 
 
 def build_blend_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -269,6 +284,10 @@ def build_blend_main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--upsample {item!r}: expected FAMILY=FACTOR, e.g. generation=2")
         if fam not in ("understanding", "generation", "text") or factors[fam] <= 0:
             parser.error(f"--upsample {item!r}: family must be understanding, generation or text, factor > 0")
+    missing = _missing_paths(args.shards)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
     from megatron_ualm.data.blend import find_shards, format_table, plan_blend
     from megatron_ualm.data.tasks import check_complete
 
@@ -309,6 +328,10 @@ def inspect_shards_main(argv: Optional[Sequence[str]] = None) -> int:
                        help="validate the shards, and that every task of a split run finished (the default)")
     check.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation")
     args = parser.parse_args(argv)
+    missing = _missing_paths(args.shards)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     from megatron_ualm.data.blend import find_shards
     from megatron_ualm.data.inspect import describe_record, shard_stats, validate_shard
     from megatron_ualm.data.shards import ShardReader

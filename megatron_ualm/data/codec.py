@@ -140,7 +140,7 @@ def check_checkpoint_dir(path: Optional[str], what: str = "codec", model_type: O
         raise CodecLoadError(f"--codec-path {path} is a file, not a checkpoint directory; {hint}")
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
-        raise CodecLoadError(f"--codec-path {path} has no config.json, so it is not a {what} checkpoint; {hint}")
+        raise CodecLoadError(f"--codec-path {path} has no config.json, so it holds no {what} checkpoint; {hint}")
     try:
         with open(config) as f:
             found = json.load(f).get("model_type")
