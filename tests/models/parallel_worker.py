@@ -4,6 +4,10 @@
 micro-batches through Megatron's schedule, saves the weights and the gradients as
 distributed checkpoints and the per-micro-batch loss reports.
 
+``--objective dpo`` runs the same comparison for the DPO loss (``megatron_ualm.posttraining``):
+micro-batches of synthetic preference pairs, reference log-probabilities scored first by a
+forward-only pass of the same weights (so the first loss is ln 2 per pair), then the DPO step.
+
 ``parallel`` (world tp * pp): builds the model at the requested TP/PP/SP (with ``--vp``, one
 chunk per virtual stage and Megatron's interleaved schedule), loads the reference weights
 (dist_checkpointing reshards them), runs the same step, then loads the reference gradients
@@ -15,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+from functools import partial
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
@@ -25,6 +30,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ualm import api
+from megatron_ualm.posttraining.dpo import DPOConfig, dpo_forward_step, score_batches
+from megatron_ualm.posttraining.synthetic import synthetic_pair_batch
 from megatron_ualm.synthetic import mixed_batch
 
 SEQ, MICRO_BATCHES = 64, 2
@@ -58,18 +65,31 @@ def build(args):
     return chunks, ddps
 
 
-def train_step(chunks, ddps):
-    batches = [mixed_batch(chunks[0].config, SEQ, seed=10 + i) for i in range(MICRO_BATCHES)]
+def objective_batches(chunks, objective):
+    """The micro-batches and the forward step of an objective (``lm`` or ``dpo``)."""
+    config = chunks[0].config
+    if objective == "lm":
+        return [mixed_batch(config, SEQ, seed=10 + i) for i in range(MICRO_BATCHES)], api.forward_step
+    batches = [synthetic_pair_batch(config, SEQ, num_pairs=3, seed=10 + i) for i in range(MICRO_BATCHES)]
+    scores = score_batches(chunks, batches, SEQ)  # reference = these weights: the first loss is ln 2
+    if scores is not None:
+        for batch, s in zip(batches, scores):
+            batch.reference = s.view(batch.num_pairs, 2, -1)
+    return batches, partial(dpo_forward_step, DPOConfig(beta=0.5, sft_loss_weight=0.3, length_normalization=False))
+
+
+def train_step(chunks, ddps, objective="lm"):
+    batches, forward_step = objective_batches(chunks, objective)
     for ddp in ddps:
         ddp.zero_grad_buffer()
     reports = get_forward_backward_func()(
-        forward_step_func=api.forward_step,
+        forward_step_func=forward_step,
         # Each chunk reads the micro-batches from its own iterator, in the same order.
         data_iterator=[iter(batches) for _ in ddps] if len(ddps) > 1 else iter(batches),
         model=ddps,
         num_microbatches=MICRO_BATCHES,
         seq_length=SEQ,
-        micro_batch_size=batches[0].tokens.shape[0],
+        micro_batch_size=getattr(batches[0], "rows", batches[0]).tokens.shape[0],
         forward_only=False,
     )
     return [{k: v.tolist() for k, v in r.items()} for r in reports]
@@ -109,17 +129,18 @@ def main():
     p.add_argument("--tied", action="store_true")
     p.add_argument("--recompute", action="store_true")
     p.add_argument("--tag", default="run")
+    p.add_argument("--objective", choices=["lm", "dpo"], default="lm")
     args = p.parse_args()
 
     chunks, ddps = build(args)
-    ref_dir = os.path.join(args.dir, "tied" if args.tied else "untied")
+    ref_dir = os.path.join(args.dir, ("tied" if args.tied else "untied") + ("" if args.objective == "lm" else "-" + args.objective))
     rank = torch.distributed.get_rank()
 
     if args.mode == "reference":
         for sub in ("model", "grads"):
             os.makedirs(os.path.join(ref_dir, sub), exist_ok=True)
         dist_checkpointing.save(sharded_state_dict(chunks), os.path.join(ref_dir, "model"))
-        reports = train_step(chunks, ddps)
+        reports = train_step(chunks, ddps, args.objective)
         dist_checkpointing.save(grad_state_dict(chunks), os.path.join(ref_dir, "grads"))
         with open(os.path.join(ref_dir, "reports.json"), "w") as f:
             json.dump(reports, f)
@@ -130,7 +151,7 @@ def main():
     for i, model in enumerate(chunks):
         prefix = f"chunk{i}."
         model.load_state_dict({k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}, strict=False)
-    reports = train_step(chunks, ddps)
+    reports = train_step(chunks, ddps, args.objective)
     mine = grad_state_dict(chunks)
     template = {k: dataclasses.replace(v, data=torch.empty_like(v.data)) for k, v in mine.items()}
     reference = dist_checkpointing.load(template, os.path.join(ref_dir, "grads"))
@@ -140,9 +161,9 @@ def main():
         max_diff = max(max_diff, (sh.data - ref).abs().max().item())
         max_ref = max(max_ref, ref.abs().max().item())
     trainable = sum(1 for model in chunks for p in model.parameters() if p.requires_grad)
-    stats = torch.tensor([max_diff, float(len(mine)), float(trainable)])
-    torch.distributed.all_reduce(stats[:1], op=torch.distributed.ReduceOp.MAX)
-    torch.distributed.all_reduce(stats[1:], op=torch.distributed.ReduceOp.SUM)
+    stats = torch.tensor([max_diff, max_ref, float(len(mine)), float(trainable)])
+    torch.distributed.all_reduce(stats[:2], op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(stats[2:], op=torch.distributed.ReduceOp.SUM)
     loss_diffs = []
     if parallel_state.is_pipeline_last_stage():
         with open(os.path.join(ref_dir, "reports.json")) as f:
@@ -155,7 +176,8 @@ def main():
                 loss_diffs.append(abs(gs - ws) / max(abs(ws), 1.0))
     if rank == torch.distributed.get_world_size() - 1:
         with open(os.path.join(args.dir, f"{args.tag}.json"), "w") as f:
-            json.dump(dict(max_grad_diff=stats[0].item(), grads_compared=stats[1].item(), trainable_params=stats[2].item(),
+            json.dump(dict(max_grad_diff=stats[0].item(), max_grad_ref=stats[1].item(), grads_compared=stats[2].item(),
+                           trainable_params=stats[3].item(),
                            max_loss_rel_diff=max(loss_diffs), reports=reports), f)
     api.destroy_parallel()
 
