@@ -215,8 +215,9 @@ def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
         description="Store audio-understanding records as UALM token shards (the understanding family). "
                     'A record (Audio Flamingo 3 style) is {"sound"|"audio": path|bytes, "start": s, "end": s, '
                     '"conversations": [{"from": "human", "value": "<sound>\\nQuestion"}, {"from": "gpt", '
-                    '"value": "Answer"}]} (or "messages" with role/content). The clip goes where <sound> is. '
-                    "Audio is stored as 16 kHz PCM or as Whisper log-mel features for the frozen encoder.",
+                    '"value": "Answer"}]} (or "messages" with role/content). The clip goes where the <sound> marker is (one '
+                    "marker at most); a conversation without a <sound> marker gets the clip at the start of its "
+                    "first user turn (after any system turn), and is kept, not rejected. Audio is stored as 16 kHz PCM or as Whisper log-mel features for the frozen encoder.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(parser, 1000)
     _audio_root(parser)

@@ -44,6 +44,13 @@ def test_tool_help_runs_as_script(tool):
     assert "usage:" in out and len(out) > 400
 
 
+def test_understanding_help_states_the_audio_placement_rule(capsys):
+    with pytest.raises(SystemExit):
+        preprocess_understanding_main(["--help"])
+    assert "without a <sound> marker gets the clip at the start of its first user turn" in \
+        " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize("use_sentencepiece", [False, True])
 def test_text_round_trip(tmp_path, tokenizer_path, sentencepiece_path, use_sentencepiece):
     tok_path = sentencepiece_path if use_sentencepiece else tokenizer_path
