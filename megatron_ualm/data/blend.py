@@ -277,8 +277,7 @@ def format_table(plan: BlendPlan) -> str:
                      f"{r['upsample']:>9g}x{100 * r['share']:>10.1f}")
     lines.append(f"{'total':<14}{sum(r['shards'] for r in rows):>8}{sum(r['samples'] for r in rows):>12,}"
                  f"{sum(r['tokens'] for r in rows):>15,}{'':>10}{100.0:>11.1f}")
-    lines.append("tokens %: each family's share of the trained tokens (non-padding positions); rows are drawn so "
-                 "that tokens, not rows, follow it")
+    lines.append("tokens %: share of the trained tokens (non-padding positions); rows are drawn so tokens follow it")
     return "\n".join(lines)
 
 
