@@ -3,5 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Debian's slurm-wlm + munge for tests/slurm (a one-node cluster on localhost); UALM_SKIP_SLURM=1 skips both.
+start=$SECONDS; bash scripts/setup_slurm.sh; echo "setup_slurm: $((SECONDS - start)) s"
 export TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests
