@@ -20,6 +20,8 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
   "$(find_python312)" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q "torch==${TORCH_VERSION}" "torchaudio==${TORCH_VERSION}"
+.venv/bin/python -m pip install -q -e ".[dev,eval]"
+# torchopenl3 (OpenL3, the FD backbone) pins resampy<0.3, which no longer builds; it runs on [eval]'s resampy.
+.venv/bin/python -m pip install -q --no-deps "torchopenl3==1.0.1"
 .venv/bin/python -c "import megatron.core, torch, megatron_ualm; print('megatron-core', megatron.core.__version__, '| torch', torch.__version__, '| setup ok')"
