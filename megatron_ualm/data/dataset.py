@@ -173,6 +173,8 @@ class UALMDataset(MegatronDataset):
     """
 
     shard_index: Optional[int] = None
+    reads_pairs = False
+    """Reads preference-pair shards (``data.preference.PreferenceDataset``) instead of refusing them."""
 
     def __init__(self, dataset: ShardReader, dataset_path: Optional[str], indices: np.ndarray,
                  num_samples: Optional[int], index_split: Split, config: UALMDatasetConfig) -> None:
@@ -199,9 +201,12 @@ class UALMDataset(MegatronDataset):
 
     def _check_compatible(self) -> None:
         meta, v, path = self.dataset.meta, self.vocab, self.dataset_path
-        if meta["family"] == "preference":
+        if meta["family"] == "preference" and not self.reads_pairs:
             raise ValueError(f"{path} holds DPO preference pairs (chosen and rejected); train on it with "
                              "python -m megatron_ualm.dpo, not in a packed blend")
+        if self.reads_pairs and meta["family"] != "preference":
+            raise ValueError(f"{path} is a {meta['family']} shard, not preference pairs (write those with "
+                             "tools/preprocess_preferences.py)")
         tok = meta["tokenizer"]["vocab_size"]
         if tok > v.text_vocab_size:
             raise ValueError(f"{path}: tokenizer has {tok} ids but the model's text_vocab_size is {v.text_vocab_size}")
@@ -288,10 +293,16 @@ class UALMDataset(MegatronDataset):
         """
         rng = np.random.default_rng([self._seed, int(idx)])
         docs = self.row_documents[self.row_offsets[idx]:self.row_offsets[idx + 1]]
+        documents = [drop_condition(self.dataset.document(int(self.indices[d])), self.config.cfg_condition_dropout, rng)
+                     for d in docs]
+        item = {} if self.shard_index is None else {"dataset_id": self.shard_index}
+        return {**item, **self.row_item(documents)}
+
+    def row_item(self, documents: list[list[Segment]]) -> dict:
+        """One row laying out ``documents`` one after the other, each fit to the row (item format
+        of ``__getitem__``, without ``dataset_id``)."""
         samples, windows, lengths = [], [], []
-        for d in docs:
-            segments = self.dataset.document(int(self.indices[d]))
-            segments = drop_condition(segments, self.config.cfg_condition_dropout, rng)
+        for segments in documents:
             segments = fit_to_length(segments, self.capacity, self.vocab.num_codebooks)
             samples.append(build_sample(self._messages(segments, windows, lengths), self.vocab))
         if windows:
@@ -299,9 +310,7 @@ class UALMDataset(MegatronDataset):
         else:
             a = self.config.audio_in or AudioInConfig()
             features = torch.zeros(0, a.n_mels, a.window_mel_frames)
-        item = {} if self.shard_index is None else {"dataset_id": self.shard_index}
         return {
-            **item,
             "tokens": torch.cat([s.tokens for s in samples]),
             "codes": torch.cat([s.codes for s in samples], dim=1),
             "text_target": torch.cat([s.text_target for s in samples]),
