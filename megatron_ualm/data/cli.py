@@ -251,15 +251,15 @@ def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
     return _run(args, "understanding", converter)
 
 
-def _missing_paths(paths: Sequence[str]) -> Optional[str]:
-    """Names the shard arguments that match nothing (checked before Megatron-Core loads)."""
+def _no_such_paths(paths: Sequence[str]) -> bool:
+    """Says which shard arguments match nothing (before Megatron-Core loads); True if any."""
     import glob
 
     missing = [p for p in paths if not glob.glob(p)]
-    if not missing:
-        return None
-    return (f"{', '.join(missing)}: no such shard directory, output directory or glob; give the --output of a "
-            "preprocessing tool, a shard directory in it, or a glob such as shards/*")
+    if missing:
+        print(f"error: {', '.join(missing)}: no such shard directory, output directory or glob; give the --output "
+              "of a preprocessing tool, a shard directory in it, or a glob such as shards/*", file=sys.stderr)
+    return bool(missing)
 
 
 def build_blend_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -285,9 +285,7 @@ def build_blend_main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--upsample {item!r}: expected FAMILY=FACTOR, e.g. generation=2")
         if fam not in ("understanding", "generation", "text") or factors[fam] <= 0:
             parser.error(f"--upsample {item!r}: family must be understanding, generation or text, factor > 0")
-    missing = _missing_paths(args.shards)
-    if missing:
-        print(f"error: {missing}", file=sys.stderr)
+    if _no_such_paths(args.shards):
         return 1
     from megatron_ualm.data.blend import find_shards, format_table, plan_blend
     from megatron_ualm.data.tasks import check_complete
@@ -329,9 +327,7 @@ def inspect_shards_main(argv: Optional[Sequence[str]] = None) -> int:
                        help="validate the shards, and that every task of a split run finished (the default)")
     check.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation")
     args = parser.parse_args(argv)
-    missing = _missing_paths(args.shards)
-    if missing:
-        print(f"error: {missing}", file=sys.stderr)
+    if _no_such_paths(args.shards):
         return 2
     from megatron_ualm.data.blend import find_shards
     from megatron_ualm.data.inspect import describe_record, shard_stats, validate_shard

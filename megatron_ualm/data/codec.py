@@ -269,11 +269,12 @@ Converted = tuple[str, Any]  # (source, list[Segment] | RecordError), as Convert
 
 
 def encode_audio_out(converted: list[Converted], codec: Codec, batch_size: int) -> list[Converted]:
-    """Fills in the codes of every record whose last message is a waveform to encode (in place).
+    """Fills in the codes of every audio-out message that still holds a waveform (in place).
 
-    The batching rule: the step's clips in length order (stable), ``batch_size`` per codec call
-    (the codec groups equal lengths inside a call). Everything that encodes a converted step
-    uses this, so a clip meets the same batch whichever process runs the codec.
+    The batching rule: the step's clips in length order (stable, in record and message order
+    among equal lengths), ``batch_size`` per codec call (the codec groups equal lengths inside
+    a call). Everything that encodes a converted step uses this, so a clip meets the same batch
+    whichever process runs the codec.
 
     Args:
         converted: ``(source, segments | RecordError)`` of one step of records; an audio-out
@@ -284,12 +285,11 @@ def encode_audio_out(converted: list[Converted], codec: Codec, batch_size: int) 
     Returns:
         ``converted``, with int64 codes ``[K, T]`` in place of the waveforms.
     """
-    pending = [i for i, (_, segs) in enumerate(converted) if not isinstance(segs, RecordError)
-               and segs[-1].kind == "audio_out" and segs[-1].data.dtype == np.float32]
-    pending.sort(key=lambda i: converted[i][1][-1].data.shape[0])  # equal lengths end up in one call
+    pending = [s for _, segs in converted if not isinstance(segs, RecordError)
+               for s in segs if s.kind == "audio_out" and s.data.dtype == np.float32]
+    pending.sort(key=lambda s: s.data.shape[0])  # equal lengths end up in one call
     for b in range(0, len(pending), batch_size):
         chunk = pending[b:b + batch_size]
-        codes = codec.encode([converted[i][1][-1].data for i in chunk])
-        for i, c in zip(chunk, codes):
-            converted[i][1][-1].data = c
+        for s, codes in zip(chunk, codec.encode([s.data for s in chunk])):
+            s.data = codes
     return converted
