@@ -281,7 +281,8 @@ def format_table(plan: BlendPlan) -> str:
     return "\n".join(lines)
 
 
-def build_datasets(plan: BlendPlan, config_kwargs: dict, sizes: Sequence[Optional[int]]) -> list:
+def build_datasets(plan: BlendPlan, config_kwargs: dict, sizes: Sequence[Optional[int]],
+                   dataset_cls: type = UALMDataset) -> list:
     """Builds the train / valid / test ``BlendedDataset``s of a plan (rules: module docstring).
 
     Megatron's ``BlendedMegatronDatasetBuilder`` gives every split the same weights and builds
@@ -296,6 +297,8 @@ def build_datasets(plan: BlendPlan, config_kwargs: dict, sizes: Sequence[Optiona
         config_kwargs: ``UALMDatasetConfig`` fields (``random_seed``, ``sequence_length``,
             ``split``, ``vocab``, ``audio_in``, ``path_to_cache``, ...).
         sizes: rows wanted per split (train, valid, test); None or 0: the split is not built.
+        dataset_cls: ``UALMDataset`` (packed rows) or a subclass with its own items (the DPO
+            pairs of ``data.preference.PreferenceDataset``); it gives ``tokens_per_row``.
 
     Returns:
         ``[train, valid, test]``, None for a split not built. Items carry ``dataset_id``, the
@@ -317,7 +320,7 @@ def build_datasets(plan: BlendPlan, config_kwargs: dict, sizes: Sequence[Optiona
         members = []  # (shard index, its records in this split)
         for i, path in enumerate(plan.shards):
             if i not in readers:
-                readers[i] = UALMDataset.build_low_level_dataset(path, config)
+                readers[i] = dataset_cls.build_low_level_dataset(path, config)
             n = len(readers[i])
             begin, end = int(round(bounds[0] * n)), int(round(bounds[1] * n))  # Megatron's split rule
             if end > begin:
@@ -337,7 +340,7 @@ def build_datasets(plan: BlendPlan, config_kwargs: dict, sizes: Sequence[Optiona
                             f"{len(members)} of {len(plan.shards)} shards have records in the {split.name} split "
                             f"of split={config.split!r}; its blend is renormalised over them")
         # One epoch of each shard's packed rows gives its tokens per row.
-        epochs = [build(UALMDataset, lambda: True, True, readers[i], plan.shards[i], ids, None, split, config)
+        epochs = [build(dataset_cls, lambda: True, True, readers[i], plan.shards[i], ids, None, split, config)
                   for i, ids in members]
         rates = np.array([plan.weights[i] / ds.tokens_per_row for (i, _), ds in zip(members, epochs)])
         weights = (rates / rates.sum()).tolist()
@@ -346,7 +349,7 @@ def build_datasets(plan: BlendPlan, config_kwargs: dict, sizes: Sequence[Optiona
         for (i, ids), ds, target in zip(members, epochs, targets):
             rows = math.ceil(target * (1 + config.mid_level_dataset_surplus))
             if len(ds) < rows:
-                ds = build(UALMDataset, lambda: True, True, readers[i], plan.shards[i], ids, rows, split, config)
+                ds = build(dataset_cls, lambda: True, True, readers[i], plan.shards[i], ids, rows, split, config)
             ds.shard_index = i
             datasets.append(ds)
         out.append(build(BlendedDataset, lambda: True, True, datasets, weights, sum(targets), config))
