@@ -87,23 +87,25 @@ def _run(args, family: str, converter: Callable[[], tuple], encode_in_main: Call
     """
     from megatron_ualm.data.codec import CodecLoadError
     from megatron_ualm.data.preprocess import Job, ManifestError, StrictStop, check_output, open_manifests, run
-    from megatron_ualm.data.tasks import OutputConflict, TaskError, resolve_task
+    from megatron_ualm.data.tasks import IncompleteOutput, OutputConflict, TaskError, check_split, resolve_task
 
+    name = args.name or family
     try:
         task = resolve_task(args.num_tasks, args.task_index)
         manifests = open_manifests(args.input)
         check_output(args.output)
+        check_split(args.output, name, task)
         _check_tokenizer(args.tokenizer)
         precheck()
         spec = converter()
-        job = Job(converter=spec, inputs=args.input, output=args.output, name=args.name or family,
+        job = Job(converter=spec, inputs=args.input, output=args.output, name=name,
                   records_per_shard=args.records_per_shard, workers=args.workers, strict=args.strict,
                   progress=not args.no_progress, encode_in_main=encode_in_main())
         summary = run(job, task=task, manifests=manifests)
     except StrictStop as err:
         print(f"error (--strict): {err}", file=sys.stderr)
         return 1
-    except (ManifestError, OutputConflict, TaskError, CodecLoadError, UsageError) as err:
+    except (ManifestError, OutputConflict, TaskError, IncompleteOutput, CodecLoadError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))

@@ -226,6 +226,21 @@ def _rerun_hint(count: int) -> str:
             "kept), then try again")
 
 
+def check_split(output: str, name: str, task: Task) -> None:
+    """Refuses a task whose N differs from the split the output already has (a cheap early check).
+
+    Raises:
+        TaskError: naming the output's N and how to rerun one of its tasks.
+    """
+    blob = _read_json(run_file(output, name)) if os.path.isdir(output) else None
+    counts = {c for _, c in _task_files(output, name)} | ({int(blob["num_tasks"])} if blob else set())
+    others = sorted(counts - {task.count})
+    if others:
+        raise TaskError(f"--output {output} is split into {', '.join(map(str, others))} task(s) for '{name}' "
+                        f"but this is {task}; tasks of one output must agree on N: rerun a task of that split "
+                        f"with --num-tasks {others[0]} --task-index I, or write to a new --output")
+
+
 def begin(output: str, name: str, task: Task, run_key: str, num_shards: int, records: int) -> None:
     """Registers a task in the output (checks the run and the split, writes the run file).
 
@@ -235,18 +250,11 @@ def begin(output: str, name: str, task: Task, run_key: str, num_shards: int, rec
     """
     path = run_file(output, name)
     blob = _read_json(path)
-    counts = {c for _, c in _task_files(output, name)}
-    if blob is not None:
-        if blob.get("run_key") != run_key:
-            raise OutputConflict(f"--output {output} holds another run's '{name}' shards ({path} has run key "
-                                 f"{blob.get('run_key')}, this run {run_key}: other tokenizer, codec, settings, "
-                                 "inputs or records per shard); write to a new --output or delete it")
-        counts.add(int(blob["num_tasks"]))
-    others = sorted(counts - {task.count})
-    if others:
-        raise TaskError(f"--output {output} is split into {', '.join(map(str, others))} task(s) for '{name}' "
-                        f"but this is {task}; tasks of one output must agree on N: rerun a task of that split "
-                        f"with --num-tasks {others[0]} --task-index I, or write to a new --output")
+    if blob is not None and blob.get("run_key") != run_key:
+        raise OutputConflict(f"--output {output} holds another run's '{name}' shards ({path} has run key "
+                             f"{blob.get('run_key')}, this run {run_key}: other tokenizer, codec, settings, "
+                             "inputs or records per shard); write to a new --output or delete it")
+    check_split(output, name, task)
     if blob is None:
         write_json(path, {"format": RUN_FORMAT, "version": 1, "name": name, "run_key": run_key,
                           "num_tasks": task.count, "num_shards": num_shards, "records": records})
