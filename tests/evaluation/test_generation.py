@@ -1,0 +1,161 @@
+"""Generation metrics over folders: reference statistics, the feature cache, KL / CL pairing by
+id, the reports, and ``python -m megatron_ualm.evaluate`` on the tiny backbones."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from megatron_ualm import evaluate
+from megatron_ualm.evaluation import generation, metrics, testing
+from megatron_ualm.evaluation.report import PAPER_COLUMNS, markdown_table
+
+IDS = [f"clip{i:02d}" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clips")
+    testing.write_clips(root / "ref", IDS, seconds=0.5, seed=1, rates=[16000, 44100])
+    # Generated clips carry generate's "_0" suffix; one extra clip has no reference and no prompt.
+    testing.write_clips(root / "gen", [f"{i}_0" for i in IDS] + ["extra"], seconds=0.5, seed=2)
+    with open(root / "prompts.jsonl", "w") as f:
+        for i in IDS:
+            f.write(json.dumps({"id": i, "prompt": f"sound number {i}"}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One feature cache for the module: each backbone sees each clip once (OpenL3 is costly on CPU)."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def _flags(tiny_backbones, names=("openl3", "passt", "panns", "clap", "aesthetics")):
+    out = []
+    for n in names:
+        out += [f"--{n}-path", tiny_backbones[n]]
+    return out + ["--device", "cpu"]
+
+
+def test_cli_reference_then_generation(folders, tiny_backbones, cache_dir, tmp_path, capsys):
+    cache = cache_dir
+    ref = str(tmp_path / "ref.npz")
+    evaluate.main(["reference", "--audio-dir", str(folders / "ref"), "--out", ref, "--cache-dir", cache,
+                   "--fd-backbones", "openl3", "panns", *_flags(tiny_backbones, ("openl3", "passt", "panns"))])
+    stats = generation.ReferenceStats.load(ref)
+    assert stats.num_clips == 6 and set(stats.fd) == {"openl3", "panns"} and set(stats.passt_probs) == set(IDS)
+    out = tmp_path / "out"
+    evaluate.main(["generation", "--audio-dir", str(folders / "gen"), "--prompts", str(folders / "prompts.jsonl"),
+                   "--reference", ref, "--out", str(out), "--cache-dir", cache, "--fd-backbones", "openl3", "panns",
+                   *_flags(tiny_backbones)])
+    results = json.loads((out / "results.json").read_text())
+    m = results["metrics"]
+    assert m["num_clips"] == 7 and m["KL_pairs"] == 6 and m["CL_pairs"] == 6
+    for k in ("FD", "FD_panns", "KL", "IS", "CL", "AES", "AES_CE", "AES_PQ"):
+        assert np.isfinite(m[k]), k
+    assert m["FD"] > 0 and m["IS"] >= 1.0 - 1e-9
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].startswith("| system | FD | KL | IS | CL | AES |")  # the paper's column order
+    rows = list(csv.DictReader(open(out / "samples.csv")))
+    assert len(rows) == 7
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["extra"]["kl"] == "" and by_id["extra"]["clap"] == "" and by_id["extra"]["aes"] != ""
+    assert float(by_id["clip03"]["clap"]) == pytest.approx(float(by_id["clip03"]["clap"]))
+    assert "sound number clip03" in by_id["clip03"]["prompt"]
+    assert "| UALM |" in capsys.readouterr().out
+    # The mean of the per-clip KL / CL rows is the reported metric.
+    assert np.mean([float(r["kl"]) for r in rows if r["kl"]]) == pytest.approx(m["KL"], rel=1e-9)
+    assert np.mean([float(r["clap"]) for r in rows if r["clap"]]) == pytest.approx(m["CL"], rel=1e-9)
+
+
+def test_metrics_equal_the_math_on_the_backbone_outputs(folders, loaded_backbones, cache_dir):
+    ref_files, gen_files = generation.list_clips(str(folders / "ref")), generation.list_clips(str(folders / "gen"))
+    models = {k: loaded_backbones[k] for k in ("openl3", "passt", "panns")}
+    cache = generation.FeatureCache(cache_dir)
+    stats = generation.compute_reference(ref_files, models, cache, show_progress=False)
+    res = generation.evaluate_clips(gen_files, models, stats, show_progress=False)
+    gen = generation.extract(gen_files, models, cache, show_progress=False)
+    ref = generation.extract(ref_files, models, cache, show_progress=False)
+    frames = lambda f: np.concatenate([f[i]["openl3"] for i in f])  # noqa: E731  every OpenL3 frame
+    want_fd = metrics.frechet_distance(*metrics.embedding_statistics(frames(gen["openl3"])),
+                                       *metrics.embedding_statistics(frames(ref["openl3"])))
+    assert res.metrics["FD"] == pytest.approx(want_fd, rel=1e-9)
+    probs = lambda f, ids: metrics.softmax(np.stack([f[i]["passt_logits"] for i in ids]))  # noqa: E731
+    want_kl = metrics.kl_divergence(probs(gen["passt"], IDS), probs(ref["passt"], IDS)).mean()
+    assert res.metrics["KL"] == pytest.approx(want_kl, rel=1e-9)
+    want_is = metrics.inception_score(np.stack([gen["panns"][i]["panns_logits"] for i in gen_files]), splits=7)
+    assert res.metrics["IS"] == pytest.approx(want_is[0], rel=1e-12)
+
+
+class _Counting:
+    """Wraps a backbone and counts the clips it is asked to process."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, 0
+        self.name, self.identity, self.outputs = inner.name, inner.identity, inner.outputs
+
+    def features(self, waves, sample_rate):
+        self.seen += len(waves)
+        return self.inner.features(waves, sample_rate)
+
+
+def test_feature_cache_is_reused_and_invalidated(folders, loaded_backbones, tmp_path):
+    files = generation.list_clips(str(folders / "ref"))
+    cache = generation.FeatureCache(str(tmp_path / "cache"))
+    counting = _Counting(loaded_backbones["passt"])
+    first = generation.extract(files, {"passt": counting}, cache, show_progress=False)
+    assert counting.seen == 6
+    again = generation.extract(files, {"passt": counting}, cache, show_progress=False)
+    assert counting.seen == 6  # all from the cache
+    assert all(np.array_equal(first["passt"][i]["passt_logits"], again["passt"][i]["passt_logits"]) for i in IDS)
+    os.utime(files[IDS[0]], ns=(1, 1))  # a touched file is recomputed
+    generation.extract(files, {"passt": counting}, cache, show_progress=False)
+    assert counting.seen == 7
+
+
+def test_reference_from_other_weights_is_not_used(folders, tiny_backbones, tmp_path):
+    from megatron_ualm.evaluation.backbones import PaSST
+
+    files = generation.list_clips(str(folders / "ref"))
+    stats = generation.compute_reference(files, {"passt": PaSST(tiny_backbones["passt"], device="cpu")},
+                                         generation.FeatureCache(None), fd_backbones=(), show_progress=False)
+    other = PaSST(testing.write_tiny_passt(tmp_path / "other", seed=5), device="cpu")
+    res = generation.evaluate_clips(files, {"passt": other}, stats, show_progress=False)
+    assert "KL" not in res.metrics and any("another PaSST checkpoint" in n for n in res.notes)
+
+
+def test_reference_stats_round_trip_and_bad_files(tmp_path):
+    stats = generation.ReferenceStats({"openl3": (np.ones(3), np.eye(3))}, {"a": np.full(4, 0.25)}, {"openl3": "x"}, 5, "src")
+    back = generation.ReferenceStats.load(stats.save(str(tmp_path / "s.npz")))
+    assert back.num_clips == 5 and np.array_equal(back.fd["openl3"][1], np.eye(3)) and list(back.passt_probs) == ["a"]
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="bad.npz: not a reference-statistics file"):
+        generation.ReferenceStats.load(str(tmp_path / "bad.npz"))
+    with pytest.raises(FileNotFoundError, match="megatron_ualm.evaluate reference"):
+        generation.ReferenceStats.load(str(tmp_path / "missing.npz"))
+
+
+def test_inputs_are_checked(tmp_path, tiny_backbones):
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "x"}\n{"id": "a"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: needs \"id\" and a \"prompt\""):
+        generation.read_prompts(str(tmp_path / "p.jsonl"))
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ValueError, match="holds no audio files"):
+        generation.list_clips(str(tmp_path / "d"))
+    (tmp_path / "d" / "x.wav").write_bytes(b"RIFF0000WAVEjunk")
+    with pytest.raises(ValueError, match="x.wav: cannot decode audio"):
+        generation.read_clip(str(tmp_path / "d" / "x.wav"))
+    with pytest.raises(SystemExit):  # argparse: neither clips nor a model
+        evaluate.parse_args(["generation", "--out", str(tmp_path), "--openl3-path", tiny_backbones["openl3"]])
+    with pytest.raises(SystemExit):  # no backbone at all
+        evaluate.parse_args(["generation", "--audio-dir", str(tmp_path / "d"), "--out", str(tmp_path)])
+
+
+def test_markdown_table_order_and_missing_values():
+    text = markdown_table({"a": {"CL": 0.5, "FD": 2.0, "AES_CE": 6.0}, "b": {"KL": 1.25}})
+    head = text.splitlines()[0]
+    assert head == "| system | " + " | ".join(PAPER_COLUMNS) + " | AES_CE |"
+    assert text.splitlines()[2] == "| a | 2 | - | - | 0.5 | - | 6 |"
