@@ -8,6 +8,7 @@ run's choices (parallel sizes, dtype, spec, FP8) and any shape change for experi
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -123,6 +124,11 @@ class UALMConfig(TransformerConfig):
             raise ValueError(
                 f"audio_encoder_type={self.audio_encoder_type!r}: choose one of "
                 f"{AUDIO_ENCODER_TYPES} or None"
+            )
+        if self.audio_encoder_path is not None and not os.path.isfile(os.path.join(self.audio_encoder_path, "config.json")):
+            raise ValueError(
+                f"audio_encoder_path={self.audio_encoder_path}: no encoder there (expected a local directory with "
+                "config.json and weights, as written by save_pretrained or convert_checkpoint export's audio_encoder/)"
             )
         if self.audio_adapter_ffn_hidden_size is None:
             self.audio_adapter_ffn_hidden_size = self.hidden_size

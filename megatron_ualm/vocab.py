@@ -238,12 +238,14 @@ class VocabMismatch(ValueError):
     """Two token-id layouts that cannot be used together."""
 
 
-def check_layouts(a: dict, a_name: str, b: dict, b_name: str) -> None:
+def check_layouts(a: dict, a_name: str, b: dict, b_name: str,
+                  hint: str = "Use the tokenizer, codec and flavor the checkpoint was trained with, or rebuild the data.") -> None:
     """Raises ``VocabMismatch`` naming both sides and every difference.
 
     Args:
         a, b: layouts (``vocab_layout``); either may be None (nothing to compare).
         a_name, b_name: what each side is, e.g. ``"checkpoint ckpt/iter_0000100"``.
+        hint: what to do about it, appended to the message.
     """
     if not a or not b:
         return
@@ -252,5 +254,5 @@ def check_layouts(a: dict, a_name: str, b: dict, b_name: str) -> None:
         raise VocabMismatch(
             f"token-id layout mismatch between {a_name} (fingerprint {layout_fingerprint(a)}) and {b_name} "
             f"(fingerprint {layout_fingerprint(b)}): " + "; ".join(diffs)
-            + ". Use the tokenizer, codec and flavor the checkpoint was trained with, or rebuild the data."
+            + f". {hint}"
         )

@@ -167,6 +167,9 @@ def _checked_sidecars(shard_dirs: Sequence[str]) -> list[dict]:
     return metas
 
 
+_REBUILD = "Rebuild the shards with one tokenizer and one codec (tools/preprocess_*), then build_blend again."
+
+
 def shared_layout(named_layouts: Sequence[tuple[str, dict]]) -> Optional[dict]:
     """The token-id layout of shards that must share one, or None for no shards.
 
@@ -185,7 +188,7 @@ def shared_layout(named_layouts: Sequence[tuple[str, dict]]) -> Optional[dict]:
         key = layout_fingerprint(layout)
         if key not in distinct:
             for other_path, other in distinct.values():
-                check_layouts(other, f"shard {other_path}", layout, f"shard {path}")
+                check_layouts(other, f"shard {other_path}", layout, f"shard {path}", hint=_REBUILD)
             distinct[key] = (path, layout)
     layouts = [layout for _, layout in distinct.values()]
     if not layouts:
@@ -263,7 +266,7 @@ def check_shards(plan: BlendPlan) -> None:
                 f"tokens, the blend recorded {family} / {samples} / {tokens}; the shard changed after the blend was "
                 "built: rerun tools/build_blend.py"))
             continue
-        check_layouts(plan.vocab_layout, "the blend", shard_layout(meta), f"shard {path}")
+        check_layouts(plan.vocab_layout, "the blend", shard_layout(meta), f"shard {path}", hint=_REBUILD)
     if errors:
         raise _one_error(errors, len(plan.shards))
 

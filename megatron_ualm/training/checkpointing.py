@@ -11,14 +11,21 @@ here:
 - the tracker is rewritten in place (``open(path, 'w')``): a kill between truncation and write
   leaves it empty, and the next ``--load`` exits with "Invalid metadata file". It is now
   written to a temporary file and renamed over the old one.
+
+A save that fails because the disk is full removes its ``.partial`` directory and stops the run
+with one line ("no space left on device", the path, the free space, the checkpoint that is kept)
+instead of Megatron's worker traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
+import logging
 import os
 import shutil
+import sys
 
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
 PARTIAL_SUFFIX = ".partial"
@@ -71,6 +78,76 @@ class _MscWithAtomicTracker:
         return getattr(self._msc, name)
 
 
+LOW_SPACE_BYTES = 1 << 20
+
+
+class _ENOSPCWatch(logging.Handler):
+    """Notices "No space left on device" in Megatron's checkpoint writer logs during one save.
+
+    Megatron's file-system writer turns a worker's ``OSError`` into a generic "Worker failure ...
+    <class 'OSError'>" exception; only its log line keeps the errno.
+    """
+
+    def __init__(self):
+        super().__init__(level=logging.ERROR)
+        self.seen = False
+        self.logger = logging.getLogger("megatron.core.dist_checkpointing")
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        self.seen = self.seen or "No space left on device" in text or f"[Errno {errno.ENOSPC}]" in text
+
+    def close(self) -> None:
+        self.logger.removeHandler(self)
+        super().close()
+
+
+def _errno_in(err: BaseException, number: int) -> bool:
+    """Whether an ``OSError`` with ``number`` is anywhere in the exception's chain (or, for
+    torch's ``CheckpointException``, among its per-rank failures)."""
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == number:
+            return True
+        stack += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            stack += [f for f in failures.values() if isinstance(f, BaseException)]
+    return False
+
+
+def _free_bytes(path: str) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
+
+
+def _stop_out_of_space(save_dir: str, iteration: int, err: BaseException) -> None:
+    """Removes the half-written save and stops the run with one line; the previous checkpoint,
+    the tracker and the data position stay as they were."""
+    import torch
+
+    partial = os.path.join(save_dir, "iter_{:07d}".format(iteration) + PARTIAL_SUFFIX)
+    first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if first:
+        shutil.rmtree(partial, ignore_errors=True)
+        tracker = os.path.join(save_dir, TRACKER_NAME)
+        kept = open(tracker).read().strip() if os.path.isfile(tracker) else None
+        keep = (f"the previous checkpoint (iteration {kept}) is kept and --load {save_dir} resumes from it"
+                if kept else "no earlier checkpoint exists")
+        print(f"error: no space left on device while saving the iteration-{iteration} checkpoint to {partial} "
+              f"({_free_bytes(save_dir) >> 20} MiB free there); {keep}. Free space or point --save at a larger "
+              f"filesystem. ({type(err).__name__})", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
 def make_checkpoints_atomic() -> None:
     """Installs partial-directory saves and the atomic tracker into ``megatron.training``."""
     from megatron.training import checkpointing, training
@@ -90,11 +167,22 @@ def make_checkpoints_atomic() -> None:
         return base + PARTIAL_SUFFIX + name[len(base):]
 
     @functools.wraps(save)
-    def save_into_partial(*args, **kwargs):
+    def save_into_partial(iteration, *args, **kwargs):
         checkpointing.get_checkpoint_name = partial_name
+        watch = _ENOSPCWatch()
         try:
-            return save(*args, **kwargs)
+            return save(iteration, *args, **kwargs)
+        except BaseException as err:  # torch's CheckpointException derives from BaseException
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            from megatron.training import get_args
+
+            save_dir = get_args().save
+            if watch.seen or _errno_in(err, errno.ENOSPC) or _free_bytes(save_dir) < LOW_SPACE_BYTES:
+                _stop_out_of_space(save_dir, iteration, err)
+            raise
         finally:
+            watch.close()
             checkpointing.get_checkpoint_name = final_name
 
     checkpointing.save_checkpoint = save_into_partial

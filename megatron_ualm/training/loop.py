@@ -153,27 +153,20 @@ def blend_layout(args: argparse.Namespace) -> Optional[dict]:
     if not getattr(args, "blend_file", None):
         return None
     from megatron_ualm.data.blend import load_plan
-    from megatron_ualm.data.shards import read_sidecar
-    from megatron_ualm.vocab import vocab_layout
 
-    metas = [read_sidecar(p) for p in load_plan(args.blend_file).shards]
-    codec = next((m["codec"] for m in metas if m.get("codec")), None) or {}
-    return vocab_layout(metas[0].get("tokenizer"), None, codec.get("num_codebooks"), codec.get("codebook_size"))
+    return load_plan(args.blend_file).vocab_layout
 
 
 def check_blend(args: argparse.Namespace) -> None:
-    """The blend file and its shards are readable (sidecars present)."""
+    """The blend file and its shards are readable and consistent (cheap: sizes, index headers,
+    sidecar counts), so a truncated shard stops the run here, naming the file."""
     if getattr(args, "synthetic_data", False):
         return
     if not getattr(args, "blend_file", None):
         raise ValueError("give the training data: --blend-file (tools/build_blend.py) or --synthetic-data")
-    if not os.path.isfile(args.blend_file):
-        raise FileNotFoundError(f"--blend-file {args.blend_file} does not exist (write it with tools/build_blend.py)")
-    from megatron_ualm.data.blend import load_plan
-    from megatron_ualm.data.shards import read_sidecar
+    from megatron_ualm.data.blend import check_shards, load_plan
 
-    for shard in load_plan(args.blend_file).shards:
-        read_sidecar(shard)
+    check_shards(load_plan(args.blend_file))
 
 
 def _has_checkpoints(directory: Optional[str]) -> bool:

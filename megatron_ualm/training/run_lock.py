@@ -30,14 +30,33 @@ class RunLockError(RuntimeError):
     """Another live run owns the directory."""
 
 
-def _pid_alive(pid: int) -> bool:
+def _proc_stat(pid: int) -> Optional[tuple[str, str]]:
+    """(state, start time in clock ticks) of a process from /proc, None when it does not exist."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], fields[19]
+
+
+def _pid_alive(pid: int, start: Optional[str]) -> bool:
+    """Whether the process that wrote a lock still runs: not gone, not a zombie (a killed run
+    whose parent died is never reaped in some containers), and not a new process that reuses
+    the pid (its start time differs)."""
+    stat = _proc_stat(pid)
+    if stat is None:
+        if os.path.isdir("/proc/self"):
+            return False
+        try:  # no /proc (macOS): existence only
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
+    state, started = stat
+    return state not in ("Z", "X") and (start is None or started == start)
 
 
 def _owner_text(owner: dict) -> str:
@@ -57,8 +76,10 @@ class RunLock:
         self.directory = directory
         self.path = os.path.join(directory, LOCK_NAME)
         self.stale_after_s = stale_after_s
-        self.me = dict(host=socket.gethostname(), pid=os.getpid(), slurm_job_id=os.environ.get("SLURM_JOB_ID"),
-                       started=time.strftime("%Y-%m-%d %H:%M:%S"), command=" ".join(sys.argv))
+        stat = _proc_stat(os.getpid())
+        self.me = dict(host=socket.gethostname(), pid=os.getpid(), pid_start=stat[1] if stat else None,
+                       slurm_job_id=os.environ.get("SLURM_JOB_ID"), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                       command=" ".join(sys.argv))
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -67,7 +88,7 @@ class RunLock:
         if owner.get("slurm_job_id") and owner.get("slurm_job_id") == self.me["slurm_job_id"]:
             return f"it belongs to this Slurm job ({owner['slurm_job_id']}), restarted"
         if owner.get("host") == self.me["host"]:
-            return None if _pid_alive(int(owner.get("pid", -1))) else "its process is gone"
+            return None if _pid_alive(int(owner.get("pid", -1)), owner.get("pid_start")) else "its process is gone"
         age = time.time() - os.path.getmtime(self.path)
         if age > self.stale_after_s:
             return f"its heartbeat is {age:.0f} s old"

@@ -20,8 +20,10 @@ def _save_then_hang(sharded_state_dict, checkpoint_dir, *args, **kwargs):
         os.makedirs(checkpoint_dir, exist_ok=True)
         with open(os.path.join(checkpoint_dir, "half_written.distcp"), "w") as f:
             f.write("partial")
-        with open(os.environ["UALM_TEST_MARKER"], "w") as f:
-            f.write("saving")
+        marker = os.environ["UALM_TEST_MARKER"]
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(os.getpid()))  # torchrun starts workers in their own session: the test kills this pid too
+        os.replace(marker + ".tmp", marker)
         time.sleep(600)
     return _save(sharded_state_dict, checkpoint_dir, *args, **kwargs)
 

@@ -118,7 +118,9 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(reference, tmp_pat
         assert proc.poll() is None, open(log).read()[-4000:]
         assert time.time() < deadline, "the run never reached the iteration-6 save"
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
+    worker = int(open(marker).read())
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher
+    os.killpg(os.getpgid(worker), signal.SIGKILL)  # the training process and its helpers
     proc.wait(timeout=60)
     with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
         assert f.read().strip() == "3"
