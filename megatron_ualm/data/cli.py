@@ -32,6 +32,17 @@ class UsageError(ValueError):
     """A command-line value that cannot work (told to the user in one line)."""
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser, default_per_shard: int) -> None:
     parser.add_argument("--input", nargs="+", required=True,
                         help="manifest files (.jsonl or .parquet), read in the order given")
@@ -39,8 +50,9 @@ def _common(parser: argparse.ArgumentParser, default_per_shard: int) -> None:
     parser.add_argument("--name", help="shard name prefix (default: the data family)")
     parser.add_argument("--tokenizer", required=True,
                         help="tokenizer.json, a directory holding one (e.g. Qwen2.5), or a sentencepiece .model")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1: in-process)")
-    parser.add_argument("--records-per-shard", type=int, default=default_per_shard,
+    parser.add_argument("--workers", type=_positive, default=1,
+                        help="worker processes (default 1: in-process)")
+    parser.add_argument("--records-per-shard", type=_positive, default=default_per_shard,
                         help=f"manifest records per shard (default {default_per_shard})")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad record (default: skip it and record the reason)")
@@ -154,7 +166,7 @@ def preprocess_generation_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--codec-device",
                         help="torch device for the codec (default: cuda when available; 'cuda' becomes the task's "
                              "own GPU, cuda:LOCAL_RANK, when several are visible)")
-    parser.add_argument("--codec-batch-size", type=int, default=8,
+    parser.add_argument("--codec-batch-size", type=_positive, default=8,
                         help="clips per codec call (default 8; equal-length clips of a step of 64 records share a "
                              "call, X-Codec cannot pad)")
     parser.add_argument("--encode-in-main", action=argparse.BooleanOptionalAction, default=None,

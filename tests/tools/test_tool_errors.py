@@ -102,3 +102,10 @@ def test_tool_script_prints_no_traceback(case, inputs):
     line = one_line(proc.stderr)
     assert all(e in line for e in expected), line
 
+
+
+@pytest.mark.parametrize("flag", ["--workers", "--records-per-shard"])
+def test_counts_below_one_are_refused_by_the_parser(flag, inputs, capsys):
+    with pytest.raises(SystemExit) as stop:
+        preprocess_text_main([*text(inputs), flag, "0"])
+    assert stop.value.code == 2 and "expected a whole number >= 1, got 0" in capsys.readouterr().err
