@@ -407,21 +407,20 @@ def run(job: Job, task: Optional[Task] = None, manifests: Optional[Sequence[Mani
     size = lambda k: min(per_shard, total - k * per_shard)  # noqa: E731
     mine = task.shards(num_shards)
 
-    def sidecar(path: str) -> dict:
+    def ours(path: str) -> dict:
+        """The sidecar of an existing shard, refused when another run wrote it."""
         try:
-            return read_sidecar(path)
+            meta = read_sidecar(path)
         except ValueError as err:  # a shard directory someone altered by hand
             raise OutputConflict(f"{err}; delete {path} and rerun to write it again") from None
-
-    def conflict(path: str) -> None:
-        meta = sidecar(path)
         if meta.get("run_key") != run_fields["run_key"]:
             raise OutputConflict(f"--output {job.output} holds shards of another run ({os.path.basename(path)}: "
                                  f"{_difference(meta, header, run_fields)}); write to a new --output or delete it")
+        return meta
 
     existing = sorted(p for p in os.listdir(job.output) if re.fullmatch(rf"{re.escape(job.name)}-\d{{5,}}", p))
     if existing:  # outputs of runners before tasks have no run file: compare with a shard
-        conflict(os.path.join(job.output, existing[0]))
+        ours(os.path.join(job.output, existing[0]))
     tasks.begin(job.output, job.name, task, run_fields["run_key"], num_shards, total)
 
     summary = dict(task=str(task), records=sum(size(k) for k in mine), records_kept=0, shards_written=0,
@@ -441,8 +440,7 @@ def run(job: Job, task: Optional[Task] = None, manifests: Optional[Sequence[Mani
         # A crashed run's half-written shard of this task (other tasks' may still be in progress).
         shutil.rmtree(os.path.join(job.output, f".{os.path.basename(path)}.partial"), ignore_errors=True)
         if os.path.isdir(path):
-            conflict(path)
-            account(sidecar(path))
+            account(ours(path))
             summary["shards_kept"] += 1
             summary["records_kept"] += size(k)
         else:
