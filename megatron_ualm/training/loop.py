@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -31,6 +32,7 @@ import torch
 from megatron_ualm.compat import cpu as cpu_compat
 from megatron_ualm.compat import megatron_fixes
 from megatron_ualm.errors import CheckpointError
+from megatron_ualm.evaluation import during_training
 from megatron_ualm.training.arguments import add_ualm_args, flavor_argv, flavor_of, ualm_config_from_args
 
 _STATE: dict = {}
@@ -138,6 +140,7 @@ def _parse(entry: TrainingEntry, argv: Sequence[str]) -> argparse.Namespace:
 
     def extra(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         add_ualm_args(parser)
+        during_training.add_args(parser)
         if entry.add_args is not None:
             entry.add_args(parser)
         return parser
@@ -301,6 +304,23 @@ def append_metrics(save_dir: str, row: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
+def _standalone_env() -> None:
+    """Lets ``python -m megatron_ualm.<entry>`` run as a world of one without a launcher.
+
+    Megatron's initialisation reads the launcher's variables (torchrun, srun wrappers); when
+    none is set, this process is rank 0 of 1 on a free local port.
+    """
+    if any(k in os.environ for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID")):
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def _fail(message: str) -> None:
     """Ends the run with one line on the first rank (the others exit quietly with the same code)."""
     if os.environ.get("RANK", "0") == "0":
@@ -311,13 +331,18 @@ def _fail(message: str) -> None:
 def run(entry: TrainingEntry, argv: Optional[Sequence[str]] = None) -> None:
     """Parses the command line, checks it, and runs Megatron's ``pretrain`` for ``entry``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _standalone_env()
     cpu_compat.apply_training()
     megatron_fixes.apply()
     try:
         flavor_of(argv)
+        args = _parse(entry, argv)
     except ValueError as err:
         _fail(str(err))
-    args = _parse(entry, argv)
+    except AssertionError as err:  # Megatron's validate_args checks flags with bare asserts
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        _fail(f"Megatron rejected the arguments: {str(err) or where.line} "
+              f"({os.path.relpath(where.filename, os.path.dirname(os.path.dirname(torch.__file__)))}:{where.lineno})")
 
     from megatron.core.enums import ModelType
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
@@ -334,6 +359,7 @@ def run(entry: TrainingEntry, argv: Optional[Sequence[str]] = None) -> None:
             lock = RunLock(args.save).acquire()
         check_directories(args)
         (entry.check_data or check_blend)(args)
+        during_training.check_args(args)
         run_config = ualm_config_from_args(args)
         layout = (entry.data_layout or blend_layout)(args)
         loaded = check_checkpoint(args, run_config, layout)
@@ -346,6 +372,7 @@ def run(entry: TrainingEntry, argv: Optional[Sequence[str]] = None) -> None:
                                 codec=(loaded or {}).get("codec"), trained_by=f"megatron_ualm.{entry.name}"))
     cfg = pretrain_cfg_container_from_args(args)
     _install_ualm_logging()
+    during_training.install(args)
     make_checkpoints_atomic()
     try:
         pretrain(cfg, entry.datasets_provider, ModelType.encoder_or_decoder, entry.forward_step,
