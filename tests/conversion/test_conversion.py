@@ -212,3 +212,68 @@ def test_errors_name_what_is_wrong(hf_dirs, tmp_path):
     with pytest.raises(ConversionError, match="not empty"):
         import_hf(hf_dirs["llm"], str(tmp_path / "full"), text_vocab_size=TEXT_VOCAB, no_audio_encoder=True,
                   progress=False)
+
+
+def _with_tokenizer(src, dst, size):
+    """A copy of a HF directory with a word-level tokenizer.json of exactly ``size`` ids."""
+    from tokenizers import Tokenizer, models
+
+    shutil.copytree(src, dst)
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0")).save(os.path.join(dst, "tokenizer.json"))
+    return str(dst)
+
+
+def test_hf_flavor_takes_the_text_vocabulary_from_the_tokenizer(hf_dirs, tmp_path):
+    from safetensors import safe_open
+
+    from megatron_ualm.data.tokenizer import TextTokenizer
+
+    llm = _with_tokenizer(hf_dirs["llm"], tmp_path / "llm", 250)  # 250 + 32 specials > 256 HF rows
+    ckpt = import_hf(llm, str(tmp_path / "ualm"), flavor="hf", no_audio_encoder=True, progress=False)
+    record = megatron_io.load_common(ckpt)["ualm"]
+    assert record["arch"]["text_vocab_size"] == 250 and record["arch"]["vocab_size"] == 384  # grown, padded to 128
+    assert record["vocab"]["tokenizer"]["sha256"] == TextTokenizer(llm).sha256
+    emb = _all_tensors(ckpt)["embedding.word_embeddings.weight"]
+    with safe_open(os.path.join(hf_dirs["llm"], _shard_of(hf_dirs["llm"], "model.embed_tokens.weight")), "pt") as f:
+        hf_emb = f.get_tensor("model.embed_tokens.weight")
+    assert torch.equal(emb[:250], hf_emb[:250])  # every tokenizer row kept
+    assert emb[282:].abs().sum() == 0  # new padding rows
+    with pytest.raises(ConversionError, match=r"--text-vocab-size 224 would put UALM special tokens on rows 224..249"):
+        import_hf(llm, str(tmp_path / "no"), flavor="hf", text_vocab_size=224, no_audio_encoder=True, progress=False)
+    with pytest.raises(ConversionError, match="--flavor hf takes the text vocabulary from the tokenizer"):
+        import_hf(hf_dirs["llm"], str(tmp_path / "no2"), flavor="hf", no_audio_encoder=True, progress=False)
+    assert not os.path.exists(tmp_path / "no") and not os.path.exists(tmp_path / "no2")
+
+
+def test_generate_loads_an_hf_flavor_checkpoint_without_flags(hf_dirs, tmp_path):
+    llm = _with_tokenizer(hf_dirs["llm"], tmp_path / "llm", 200)
+    out = str(tmp_path / "ualm")
+    import_hf(llm, out, flavor="hf", no_audio_encoder=True, progress=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_ualm.generate", "--load", out, "--tokenizer", llm, "--mode", "respond",
+         "--modality", "text", "--prompt", "w1 w2 w3", "--max-new-tokens", "4", "--max-audio-seconds", "0.2",
+         "--out", str(tmp_path / "gen")],
+        capture_output=True, text=True, timeout=300, env=dict(env, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((tmp_path / "gen" / "results.jsonl").read_text())["texts"]
+
+
+def test_failed_import_leaves_nothing_and_a_rerun_works(hf_dirs, tmp_path, monkeypatch):
+    from megatron_ualm.conversion import importer
+
+    unit = importer._Source.unit
+
+    def fail_at_layer_2(self, name, u):
+        if name == "decoder.layers.2":
+            raise RuntimeError("killed mid-conversion")
+        return unit(self, name, u)
+
+    out = tmp_path / "ualm"
+    monkeypatch.setattr(importer._Source, "unit", fail_at_layer_2)
+    with pytest.raises(RuntimeError, match="killed mid-conversion"):
+        import_hf(hf_dirs["llm"], str(out), text_vocab_size=TEXT_VOCAB, no_audio_encoder=True, progress=False)
+    assert os.listdir(tmp_path) == []  # neither the output nor its .partial directory
+    monkeypatch.setattr(importer._Source, "unit", unit)
+    ckpt = import_hf(hf_dirs["llm"], str(out), text_vocab_size=TEXT_VOCAB, no_audio_encoder=True, progress=False)
+    assert sorted(os.listdir(out)) == [model_record.TRACKER, "release"] and ckpt == str(out / "release")

@@ -133,6 +133,20 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(reference, tmp_pat
     assert rows[6]["lm loss"] == losses(reference)[6]["lm loss"]
 
 
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    save = str(tmp_path / "ckpt")
+    cmd = [sys.executable, os.path.join(HERE, "disk_full_during_save.py"), *COMMON, "--save", save]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=dict(env, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("error:"))
+    assert "no space left on device" in line and "iter_0000006.partial" in line and "(iteration 3) is kept" in line
+    assert sorted(d for d in os.listdir(save) if d.startswith("iter_")) == ["iter_0000003"]
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read().strip() == "3"
+
+
 def test_training_checkpoint_exports_to_transformers(reference, tmp_path):
     """The loop's checkpoint converts to a Qwen2ForCausalLM with the same text logits."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -147,11 +161,31 @@ def test_training_checkpoint_exports_to_transformers(reference, tmp_path):
     assert diff < 1e-4
 
 
+def _true_family_counts(iteration: int) -> dict:
+    """Families and encoder windows of the global batch of ``iteration`` (synthetic data: the
+    sampler reads samples [4 (it - 1), 4 it) of the train dataset, seeded with --seed)."""
+    from collections import Counter
+
+    from megatron_ualm.config import make_config
+    from megatron_ualm.synthetic import FAMILIES
+    from megatron_ualm.training.data import SyntheticDataset
+
+    dataset = SyntheticDataset(make_config("debug"), 64, 100, seed=1234)
+    items = [dataset[i] for i in range(4 * (iteration - 1), 4 * iteration)]
+    counts = Counter(f"samples_{FAMILIES[int(it['dataset_id'])]}" for it in items)
+    counts["encoder_windows"] = sum(int(it["audio_in_lengths"].numel()) for it in items)
+    return counts
+
+
 def test_distributed_optimizer_dp2_resume_is_exact(tmp_path):
     """Two data-parallel ranks with the distributed optimizer: resuming from iteration 3
-    reproduces the uninterrupted run (optimizer state sharded over DP and restored)."""
+    reproduces the uninterrupted run (optimizer state sharded over DP and restored). The
+    [UALM] counts are the sum over both ranks: the true global batch."""
     full = str(tmp_path / "full")
     torchrun(2, *COMMON, "--use-distributed-optimizer", "--save", full)
+    for it, row in losses(full).items():
+        true = _true_family_counts(it)
+        assert {k: row.get(k, 0) for k in true} == dict(true), (it, row)
     resumed = resume_dir(full, str(tmp_path / "resumed"))
     torchrun(2, *COMMON, "--use-distributed-optimizer", "--save", resumed, "--load", resumed)
     ref, got = losses(full), losses(resumed)
