@@ -128,3 +128,28 @@ def preprocess_chat_main(argv: Optional[Sequence[str]] = None) -> int:
         return ChatConverter, dict(tokenizer=args.tokenizer, loss=loss, **_audio_kwargs(args))
 
     return _run(args, "chat", converter, _WORKERS_ENCODE, _precheck(args))
+
+
+def preprocess_preferences_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Preference manifest (prompt, chosen, rejected) -> ``preference`` shards for ``python -m megatron_ualm.dpo``."""
+    parser = argparse.ArgumentParser(
+        prog="preprocess_preferences",
+        description="Turn a DPO preference manifest into paired UALM shards (the preference family). A record is "
+                    '{"prompt": "text" | [chat messages], "chosen": <response>, "rejected": <response>} where a '
+                    'response is text, one message ({"content"}, {"audio": path} or {"codes": [[...]]}) or a list '
+                    "of assistant messages (e.g. a caption, then audio); other fields (id, scores) are ignored. "
+                    "Records with a missing side, chosen identical to rejected, or missing / undecodable audio are "
+                    "named in rejected.jsonl and skipped (--strict stops at the first). Schema: "
+                    "megatron_ualm/data/preference.py.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(parser, 1000)
+    _add_audio_args(parser)
+    args = parser.parse_args(argv)
+    _check_audio_args(parser, args)
+
+    def converter() -> tuple:
+        from megatron_ualm.data.preference import PreferenceConverter
+
+        return PreferenceConverter, dict(tokenizer=args.tokenizer, **_audio_kwargs(args))
+
+    return _run(args, "preference", converter, _WORKERS_ENCODE, _precheck(args))
