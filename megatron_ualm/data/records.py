@@ -35,7 +35,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from megatron_ualm.data.codec import load_codec
+from megatron_ualm.data.codec import encode_audio_out, load_codec
 from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, AudioInConfig, LogMel, load_audio, pcm_to_float
 from megatron_ualm.data.errors import RecordError
 from megatron_ualm.data.shards import Segment
@@ -253,15 +253,9 @@ class GenerationConverter(Converter):
 
     def convert_batch(self, records: list[tuple[str, Any]]) -> list[Converted]:
         out = super().convert_batch(records)
-        pending = [i for i, (_, segs) in enumerate(out) if not isinstance(segs, RecordError)
-                   and segs[-1].data.dtype == np.float32]
-        pending.sort(key=lambda i: out[i][1][-1].data.shape[0])  # equal lengths end up in one call
-        for b in range(0, len(pending), self.codec_batch_size):
-            chunk = pending[b:b + self.codec_batch_size]
-            codes = self.codec.encode([out[i][1][-1].data for i in chunk])
-            for i, c in zip(chunk, codes):
-                out[i][1][-1].data = c
-        return out
+        if self.codec is None:  # precomputed codes only; a record with audio was rejected in convert
+            return out
+        return encode_audio_out(out, self.codec, self.codec_batch_size)
 
 
 class UnderstandingConverter(Converter):
