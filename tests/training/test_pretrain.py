@@ -62,6 +62,8 @@ def reference(tmp_path_factory):
     save = str(tmp_path_factory.mktemp("reference") / "ckpt")
     log = torchrun(1, *COMMON, "--save", save, "--tensorboard-dir", os.path.join(save, "tb"))
     assert "lm loss" in log and "codebook_7 loss" in log and "[UALM]" in log
+    if "Transformer Engine / Apex not installed" in log:  # a CPU machine: one line, once per run
+        assert log.count("Transformer Engine") == 1 and "Falling back" not in log, log[:3000]
     return save
 
 
