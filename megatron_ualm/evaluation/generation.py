@@ -63,20 +63,15 @@ def list_clips(folder: str) -> dict[str, str]:
 
 def read_prompts(path: str) -> dict[str, str]:
     """``{id: prompt}`` from a JSONL file of ``{"id": ..., "prompt": ...}`` records."""
+    from megatron_ualm.evaluation.jsonl import read_records
+
     out: dict[str, str] = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or "id" not in rec:
-                raise ValueError(f'{path}:{n}: needs "id" and a "prompt" string, e.g. {{"id": "a1", "prompt": "rain on a roof"}}')
-            if str(rec["id"]) in out:
-                raise ValueError(f"{path}:{n}: id {rec['id']!r} appears twice")
-            out[str(rec["id"])] = rec["prompt"]
+    for n, rec in read_records(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or "id" not in rec:
+            raise ValueError(f'{path}:{n}: needs "id" and a "prompt" string, e.g. {{"id": "a1", "prompt": "rain on a roof"}}')
+        if str(rec["id"]) in out:
+            raise ValueError(f"{path}:{n}: id {rec['id']!r} appears twice")
+        out[str(rec["id"])] = rec["prompt"]
     return out
 
 

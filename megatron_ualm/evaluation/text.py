@@ -14,7 +14,6 @@ export``) and run ``lm-eval`` on it (README, "Evaluation").
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Optional, Sequence
 
@@ -92,21 +91,16 @@ def final_answer(text: str) -> Optional[str]:
 
 def read_gsm8k(path: str) -> list[dict]:
     """GSM8K-format records ``{"question", "answer"}`` (the gold number after ``####``)."""
+    from megatron_ualm.evaluation.jsonl import read_records
+
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
-                raise ValueError(f'{path}:{n}: needs a "question" string')
-            gold = final_answer(str(rec.get("answer", "")))
-            if gold is None:
-                raise ValueError(f'{path}:{n}: "answer" holds no number (GSM8K puts it after "####", e.g. "... #### 42")')
-            out.append({"id": str(rec.get("id", n)), "question": rec["question"], "gold": gold})
+    for n, rec in read_records(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
+            raise ValueError(f'{path}:{n}: needs a "question" string')
+        gold = final_answer(str(rec.get("answer", "")))
+        if gold is None:
+            raise ValueError(f'{path}:{n}: "answer" holds no number (GSM8K puts it after "####", e.g. "... #### 42")')
+        out.append({"id": str(rec.get("id", n)), "question": rec["question"], "gold": gold})
     if not out:
         raise ValueError(f"{path} holds no records")
     return out

@@ -15,7 +15,6 @@ the question with lettered choices; its reply is parsed by ``parse_choice``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import string
@@ -110,23 +109,10 @@ def parse_choice(response: str, choices: Sequence[str]) -> Optional[int]:
 
 def read_records(path: str) -> list[MCRecord]:
     """MMAU / MMAR-format records from a JSONL (or a JSON list) file; errors name file, line, field."""
+    from megatron_ualm.evaluation.jsonl import read_records as read_jsonl
+
     folder = os.path.dirname(os.path.abspath(path))
-    with open(path) as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            items = list(enumerate(json.loads(stripped), 1))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-    else:
-        items = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append((n, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
+    items = read_jsonl(path)
     out = []
     for n, rec in items:
         where = f"{path}:{n}"

@@ -5,20 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
+
+from tests.inference.conftest import one_thread  # noqa: F401  (autouse: tiny ops run faster on one thread)
 
 # Nothing here may reach a model hub: a download attempt fails instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
