@@ -88,6 +88,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     d.add_argument("--audio-temperature", type=float, default=0.8, help="codebook temperature (paper: 0.8)")
     d.add_argument("--audio-top-k", type=int, default=20, help="codebook top-k (paper: 20)")
     d.add_argument("--max-audio-seconds", type=float, default=10.0)
+    d.add_argument("--min-audio-seconds", type=float, default=None,
+                   help="the model may end a clip only after this long (default: --max-audio-seconds, i.e. "
+                        "fixed-length clips like the 10 s test-set clips)")
 
     u = sub.add_parser("understanding", help="MMAU / MMAR-format accuracy")
     u.add_argument("--data", required=True, help="JSONL of {id, audio, question, choices, answer, category}")
@@ -179,17 +182,18 @@ def _generate_clips(args) -> tuple[str, bool]:
         raise SystemExit("error: generating audio needs --codec")
     params = GenerationParams(text=GREEDY, audio=SamplingParams(args.audio_temperature, args.audio_top_k),
                               cfg_weight=args.cfg_weight, max_audio_seconds=args.max_audio_seconds,
-                              stop_at_eot=True, seed=args.seed)
+                              min_audio_seconds=args.max_audio_seconds if args.min_audio_seconds is None
+                              else args.min_audio_seconds, stop_at_eot=True, seed=args.seed)
     ids = list(prompts)
     replies = respond_batches(ualm, [[Turn("user", text=prompts[i])] for i in ids], params, "audio", args.batch_size,
                               desc="generating")
     folder, writer = os.path.join(args.out, "audio"), is_writer()
     if writer:
         for i, reply in zip(ids, replies):
-            if reply.waves:
+            if reply.waves and reply.waves[0].size:
                 write_wav(os.path.join(folder, f"{i}.wav"), reply.waves[0], reply.sample_rate)
             else:
-                _log(f"warning: prompt {i!r} produced no audio")
+                _log(f"warning: prompt {i!r} produced no audio (left out of the metrics)")
     api.destroy_parallel()
     return folder, writer
 

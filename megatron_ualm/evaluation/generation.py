@@ -276,8 +276,8 @@ def evaluate_clips(files: dict[str, str], models: dict[str, Backbone], reference
     for name in fd_backbones:
         key = "FD" if name == "openl3" else f"FD_{name}"
         if name not in feats:
-            skip(f"{key}: no {name} backbone given")
-        elif reference is None or name not in reference.fd:
+            continue  # the backbone was not asked for
+        if reference is None or name not in reference.fd:
             skip(f"{key}: the reference statistics hold no {name} embeddings")
         elif reference.identities.get(name) != models[name].identity:
             skip(f"{key}: the reference statistics were computed with another {name} checkpoint or options "

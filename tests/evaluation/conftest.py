@@ -27,3 +27,26 @@ def loaded_backbones(tiny_backbones) -> dict:
     from megatron_ualm.evaluation.generation import load_backbones
 
     return load_backbones(tiny_backbones, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def decoding_inputs(tmp_path_factory) -> dict:
+    """What decoding with the random debug model needs: a BPE tokenizer, a random X-Codec and two prompts."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from megatron_ualm.config import make_config
+    from megatron_ualm.quickstart import build_random_xcodec
+
+    root = tmp_path_factory.mktemp("decoding")
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["rain on a tin roof", "a dog barks twice", "wind in the trees"] * 20,
+                            trainers.BpeTrainer(vocab_size=80, special_tokens=["[UNK]"], show_progress=False))
+    tok.save(str(root / "tokenizer.json"))
+    cfg = make_config("debug")
+    codec = build_random_xcodec(str(root / "xcodec"), cfg.num_codebooks, cfg.codebook_size)
+    (root / "prompts.jsonl").write_text(json.dumps({"id": "rain", "prompt": "rain on a tin roof"}) + "\n"
+                                        + json.dumps({"id": "dog", "prompt": "a dog barks twice"}) + "\n")
+    return {"tokenizer": str(root / "tokenizer.json"), "codec": codec, "prompts": str(root / "prompts.jsonl")}

@@ -32,24 +32,9 @@ def _pretrain(save, *extra):
 
 
 @pytest.fixture(scope="module")
-def eval_inputs(tmp_path_factory, tiny_backbones):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    from megatron_ualm.config import make_config
-    from megatron_ualm.quickstart import build_random_xcodec
-
-    root = tmp_path_factory.mktemp("eval_inputs")
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["rain on a tin roof", "a dog barks twice", "wind in the trees"] * 20,
-                            trainers.BpeTrainer(vocab_size=80, special_tokens=["[UNK]"], show_progress=False))
-    tok.save(str(root / "tokenizer.json"))
-    cfg = make_config("debug")
-    codec = build_random_xcodec(str(root / "xcodec"), cfg.num_codebooks, cfg.codebook_size)
-    (root / "prompts.jsonl").write_text(json.dumps({"id": "rain", "prompt": "rain on a tin roof"}) + "\n"
-                                        + json.dumps({"id": "dog", "prompt": "a dog barks twice"}) + "\n")
-    return ["--eval-prompts", str(root / "prompts.jsonl"), "--eval-audio-interval", "2",
-            "--eval-tokenizer", str(root / "tokenizer.json"), "--eval-codec", codec,
+def eval_inputs(decoding_inputs, tiny_backbones):
+    return ["--eval-prompts", decoding_inputs["prompts"], "--eval-audio-interval", "2",
+            "--eval-tokenizer", decoding_inputs["tokenizer"], "--eval-codec", decoding_inputs["codec"],
             "--eval-clap-path", tiny_backbones["clap"], "--eval-audio-seconds", "0.2"]
 
 

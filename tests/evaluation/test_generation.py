@@ -159,3 +159,22 @@ def test_markdown_table_order_and_missing_values():
     head = text.splitlines()[0]
     assert head == "| system | " + " | ".join(PAPER_COLUMNS) + " | AES_CE |"
     assert text.splitlines()[2] == "| a | 2 | - | - | 0.5 | - | 6 |"
+
+
+def test_generate_then_evaluate(decoding_inputs, tiny_backbones, tmp_path):
+    """--random-init: the debug model decodes every prompt (CFG), the clips are written and scored."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "gen"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "megatron_ualm.evaluate", "generation", "--random-init", "--flavor", "debug",
+           "--tokenizer", decoding_inputs["tokenizer"], "--codec", decoding_inputs["codec"],
+           "--prompts", decoding_inputs["prompts"], "--max-audio-seconds", "0.2", "--batch-size", "2",
+           "--out", str(out), "--no-cache", *_flags(tiny_backbones, ("clap", "aesthetics"))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(os.listdir(out / "audio")) == ["dog.wav", "rain.wav"]
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    assert m["num_clips"] == 2 and m["CL_pairs"] == 2 and np.isfinite(m["CL"]) and np.isfinite(m["AES"])
