@@ -79,6 +79,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, AudioInConfig, load_audio
+from megatron_ualm.data.codec import encode_audio_out
 from megatron_ualm.data.errors import RecordError
 from megatron_ualm.data.records import (ROLE_ALIASES, Converted, Converter, GenerationConverter,
                                         UnderstandingConverter, _audio_source, format_rich_caption)
@@ -238,19 +239,6 @@ def record_turns(rec: dict, instructions: Mapping[str, str]) -> list[Turn]:
     ]
 
 
-def encode_pending_audio(converted: list[Converted], codec, batch_size: int) -> list[Converted]:
-    """Encodes every audio-out message still holding a waveform, in ``encode_audio_out``'s
-    batches (that function fills the last message of each entry, so each pending message is
-    handed to it as an entry of its own)."""
-    from megatron_ualm.data.codec import encode_audio_out
-
-    views = [(source, [s]) for source, segs in converted if not isinstance(segs, RecordError)
-             for s in segs if s.kind == "audio_out" and s.data.dtype == np.float32]
-    if views:
-        encode_audio_out(views, codec, batch_size)
-    return converted
-
-
 class ChatConverter(Converter):
     """Chat and UALM-Reason records -> messages with loss and condition flags (``chat`` family).
 
@@ -377,7 +365,7 @@ class ChatConverter(Converter):
     def convert_batch(self, records: list[tuple[str, Any]]) -> list[Converted]:
         out = super().convert_batch(records)
         if self.codec is not None:
-            encode_pending_audio(out, self.codec, self.codec_batch_size)
+            encode_audio_out(out, self.codec, self.codec_batch_size)
         return out
 
 

@@ -214,3 +214,21 @@ def test_cfg_dropout_empties_the_flagged_conditions(chat_shards):
     emptied = [i for i, (a, b) in enumerate(zip(reflection, dropped)) if a.data.size and not b.data.size]
     assert emptied == [1, 4]  # the request and the critique prompt (conditions of audio 1 and audio 2)
     assert [s.loss for s in dropped] == [s.loss for s in reflection]
+
+
+def test_workers_with_the_codec_in_main_write_the_same_shards(chat_shards):
+    """Two workers decode, this process encodes every pending clip (several per record): same bytes."""
+    import filecmp
+
+    from megatron_ualm.posttraining.data_tools import preprocess_chat_main
+
+    out, argv = chat_shards
+    argv = [a if a != str(out / "shards") else str(out / "main") for a in argv]
+    assert preprocess_chat_main(argv + ["--workers", "2", "--encode-in-main"]) == 0
+    shards = sorted(p.name for p in (out / "shards").iterdir() if p.is_dir())
+    assert shards == sorted(p.name for p in (out / "main").iterdir() if p.is_dir())
+    for shard in shards:
+        for name in ("text", "codes", "audio"):
+            for ext in (".bin", ".idx"):
+                assert filecmp.cmp(out / "shards" / shard / (name + ext), out / "main" / shard / (name + ext),
+                                   shallow=False), (shard, name + ext)

@@ -6,24 +6,27 @@ Megatron's schedules and DDP, reference log-probabilities scored first by a forw
 of the same weights under the same parallelism.
 """
 
+import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
-WORKER = os.path.join(os.path.dirname(__file__), os.pardir, "models", "parallel_worker.py")
+def _load(path: str, name: str):
+    """A test module of another directory (tests/ has no packages), for its helpers."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_models = _load(os.path.join(os.path.dirname(__file__), os.pardir, "models", "test_parallel.py"), "ualm_test_parallel")
 TOLERANCE = 1e-6
 
 
 def launch(nproc: int, *args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", WORKER,
-           "--objective", "dpo", *args]
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    _models.launch(nproc, "--objective", "dpo", *args)
 
 
 @pytest.fixture(scope="module")

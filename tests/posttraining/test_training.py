@@ -7,6 +7,7 @@ reference), a few steps raise the reward margin, and the frozen reference model 
 losses of the stored (precomputed) reference log-probs.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -21,8 +22,22 @@ RUN = ["--flavor", "debug", "--seq-length", "96", "--log-interval", "1", "--eval
        "--split", "100,0,0"]
 
 
-def torchrun(module: str, *args: str, nproc: int = 1) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module, *args]
+def _load(path: str, name: str):
+    """A test module of another directory (tests/ has no packages), for its helpers."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_pretrain_test = _load(os.path.join(os.path.dirname(__file__), os.pardir, "training", "test_pretrain.py"),
+                       "ualm_test_pretrain")
+resume_dir = _pretrain_test.resume_dir  # the reference's iteration-3 checkpoint alone in a new --save
+
+
+def torchrun(module: str, *args: str) -> str:
+    """Runs ``python -m <module>`` in one torchrun process and returns its output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m", module, *args]
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, f"{module} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -30,19 +45,10 @@ def torchrun(module: str, *args: str, nproc: int = 1) -> str:
 
 
 def metrics(save_dir: str) -> dict:
+    """Rows of ``metrics.jsonl`` by iteration (the last row of an iteration wins)."""
     from megatron_ualm.training.plot import read_metrics
 
     return {row["iteration"]: row for row in read_metrics(os.path.join(save_dir, "metrics.jsonl"))}
-
-
-def resume_dir(reference: str, target: str, extra: tuple = ()) -> str:
-    """A save directory holding only the reference's iteration-3 checkpoint (and ``extra`` entries)."""
-    os.makedirs(target)
-    for name in ("iter_0000003", *extra):
-        shutil.copytree(os.path.join(reference, name), os.path.join(target, name))
-    with open(os.path.join(target, "latest_checkpointed_iteration.txt"), "w") as f:
-        f.write("3")
-    return target
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +161,8 @@ def test_dpo_starts_at_ln2_and_raises_the_margin(dpo_reference):
 
 def test_dpo_resume_is_exact(dpo_reference, base, pairs_blend, tmp_path):
     """Resumed from iteration 3 (stored reference log-probs read, not recomputed)."""
-    save = resume_dir(dpo_reference, str(tmp_path / "ckpt"), extra=("reference_logps",))
+    save = resume_dir(dpo_reference, str(tmp_path / "ckpt"))
+    shutil.copytree(os.path.join(dpo_reference, "reference_logps"), os.path.join(save, "reference_logps"))
     log = torchrun("megatron_ualm.dpo", *RUN, *DPO, "--blend-file", pairs_blend, "--pretrained-checkpoint", base,
                    "--load", save, "--save", save)
     assert "reference pass" not in log
