@@ -9,6 +9,9 @@ DATA_ARGS=(--blend-file "${BLEND_FILE:-/data/ualm/blend.json}" --data-cache-path
 TRAIN_ARGS=(--micro-batch-size 2 --global-batch-size 256 --train-iters 20000
             --lr 1e-4 --min-lr 1e-5 --lr-decay-style cosine --lr-warmup-iters 500 --clip-grad 1.0
             --freeze alignment)
-CKPT_ARGS=(--pretrained-checkpoint "${INIT_CKPT:-/ckpt/ualm-1.5b-init}" --finetune
+# No --finetune: Megatron starts from --pretrained-checkpoint (weights only, iteration 0) while
+# --load holds no checkpoint yet, and resumes --load after that, so a requeued job continues
+# (with --finetune every restart would go back to iteration 0).
+CKPT_ARGS=(--pretrained-checkpoint "${INIT_CKPT:-/ckpt/ualm-1.5b-init}"
            --load "${CKPT_DIR:-/ckpt/ualm-1.5b-align}" --save "${CKPT_DIR:-/ckpt/ualm-1.5b-align}" --save-interval 1000)
 LOG_ARGS=(--log-interval 10 --eval-interval 1000 --eval-iters 20 --tensorboard-dir "${TB_DIR:-/ckpt/ualm-1.5b-align/tb}")

@@ -37,6 +37,9 @@ if [ -n "${GENERATION:-}" ] && [ -z "${CODEC_PATH:-}" ]; then
   echo "preprocess_all: GENERATION needs CODEC_PATH (the X-Codec checkpoint directory)" >&2
   exit 2
 fi
+for path in "$TOKENIZER" ${GENERATION:+"$CODEC_PATH"}; do
+  [ -e "$path" ] || { echo "preprocess_all: $path does not exist (TOKENIZER / CODEC_PATH)" >&2; exit 2; }
+done
 HERE=examples/slurm
 [ -f "$HERE/build_blend.sbatch" ] || { echo "preprocess_all: run it from the repository root" >&2; exit 2; }
 OUT=$(realpath -m "$OUT")
@@ -58,6 +61,7 @@ submit_family() {  # family, manifests, the tool's family-specific flags...
   local upper=${family^^}
   local tasks_var=${upper}_TASKS args_var=${upper}_ARGS sbatch_var=${upper}_SBATCH
   local n=${!tasks_var:-${TASKS:-16}} files=() f
+  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "preprocess_all: $family tasks must be a positive integer, not '$n'" >&2; exit 2; }
   # Globs expand here, on the login node; a pattern that matches nothing stops the submission.
   # shellcheck disable=SC2206
   local patterns=($manifests)
