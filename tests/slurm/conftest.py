@@ -25,11 +25,11 @@ from localslurm import SlurmCluster, SlurmError  # noqa: E402
 
 # The tiny corpora of the data tests (tokenizer, random X-Codec, audio clips and manifests),
 # shared through their fixed directories (as tests/tools does).
-_path = pathlib.Path(__file__).resolve().parents[1] / "data" / "conftest.py"
-_spec = importlib.util.spec_from_file_location("ualm_data_test_fixtures", _path)
-_fixtures = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = _fixtures
+_fixtures = sys.modules.get("ualm_data_test_fixtures")  # tests/tools may have loaded it already
+if _fixtures is None:
+    _path = pathlib.Path(__file__).resolve().parents[1] / "data" / "conftest.py"
+    _spec = importlib.util.spec_from_file_location("ualm_data_test_fixtures", _path)
+    _fixtures = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_fixtures)
 globals().update({k: v for k, v in vars(_fixtures).items() if not k.startswith("_") and k not in globals()})
 
@@ -45,10 +45,13 @@ def slurm():
     if os.environ.get(SKIP_VARIABLE) == "1":
         pytest.skip(f"{SKIP_VARIABLE}=1: the Slurm tests are skipped on this machine")
     t0 = time.monotonic()
+    cluster = problem = None
     try:
         cluster = SlurmCluster().start()
     except SlurmError as err:
-        pytest.fail(f"cannot start the one-node Slurm cluster: {err}", pytrace=False)
+        problem = str(err)
+    if problem is not None:
+        pytest.fail(f"cannot start the one-node Slurm cluster: {problem}", pytrace=False)
     _TIMES["start"] = time.monotonic() - t0
     try:
         yield cluster

@@ -14,7 +14,7 @@ import os
 import re
 import time
 
-from localslurm import job_output
+from localslurm import free_port, job_output
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,7 +27,9 @@ CPU_TASKS = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=
 
 
 def submit(slurm, save: str, out: str) -> str:
-    env = slurm.job_env(CONFIG="examples/configs/debug_cpu.sh", NPROC_PER_NODE="1", CKPT_DIR=save)
+    # A free rendezvous port, not the script's job-id default: other clusters may run on this machine.
+    env = slurm.job_env(CONFIG="examples/configs/debug_cpu.sh", NPROC_PER_NODE="1", CKPT_DIR=save,
+                        MASTER_PORT=str(free_port()))
     return slurm.sbatch(SCRIPT, "--train-iters", str(ITERS), "--save-interval", str(SAVE_EVERY),
                         options=[*CPU_TASKS, f"--output={out}"], env=env, cwd=REPO)
 
