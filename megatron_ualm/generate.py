@@ -139,33 +139,23 @@ def main(argv: Optional[list] = None) -> None:
 
     from megatron_ualm import api
     from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, load_audio
-    from megatron_ualm.data.tokenizer import TextTokenizer
-    from megatron_ualm.inference import reasoning
-    from megatron_ualm.inference.audio import CodecDecoder, load_upsampler, write_wav
     from megatron_ualm.errors import CheckpointError
-    from megatron_ualm.inference.checkpoint import load_model
-    from megatron_ualm.vocab import VocabMismatch
+    from megatron_ualm.inference import reasoning
+    from megatron_ualm.inference.audio import write_wav
+    from megatron_ualm.inference.checkpoint import load_ualm
     from megatron_ualm.inference.generator import GenerationParams
-    from megatron_ualm.inference.pipeline import UALM, Turn
+    from megatron_ualm.inference.pipeline import Turn
     from megatron_ualm.inference.sampling import SamplingParams
+    from megatron_ualm.vocab import VocabMismatch
 
     api.initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
-    overrides = {"transformer_impl": args.transformer_impl}
-    if args.audio_encoder_path:
-        overrides["audio_encoder_path"] = args.audio_encoder_path
-    tokenizer = TextTokenizer(args.tokenizer)
-    if args.load:
-        try:
-            model = load_model(args.load, flavor=args.flavor, tokenizer=tokenizer, bf16=args.bf16, **overrides)
-        except (CheckpointError, VocabMismatch) as err:
-            raise SystemExit(f"error: {err}") from None
-    else:
-        model = api.build_model(args.flavor, **({"bf16": True} if args.bf16 else {}), **overrides)
-        model.eval()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    codec = CodecDecoder.load(args.codec, args.codec_name, device=device) if args.codec else None
-    upsampler = load_upsampler(args.upsampler, args.upsampler_path, device=device) if args.upsampler else None
-    ualm = UALM(model, tokenizer, codec, upsampler)
+    try:
+        ualm = load_ualm(tokenizer=args.tokenizer, load=args.load, flavor=args.flavor, codec=args.codec,
+                         codec_name=args.codec_name, bf16=args.bf16, transformer_impl=args.transformer_impl,
+                         audio_encoder_path=args.audio_encoder_path, upsampler=args.upsampler,
+                         upsampler_path=args.upsampler_path)
+    except (CheckpointError, VocabMismatch) as err:
+        raise SystemExit(f"error: {err}") from None
     params = GenerationParams(
         text=SamplingParams(args.temperature, args.top_k, args.top_p),
         audio=SamplingParams(args.audio_temperature, args.audio_top_k, args.audio_top_p),

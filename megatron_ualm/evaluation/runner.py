@@ -48,28 +48,18 @@ def check_model_args(parser, args, need_codec: bool = False) -> None:
 
 def build_ualm(args):
     """Initialises model parallelism and returns a ``UALM`` (model + tokenizer + codec) in eval mode."""
-    import torch
-
     from megatron_ualm import api
-    from megatron_ualm.data.tokenizer import TextTokenizer
     from megatron_ualm.errors import CheckpointError
-    from megatron_ualm.inference import UALM, CodecDecoder
-    from megatron_ualm.inference.checkpoint import load_model
+    from megatron_ualm.inference.checkpoint import load_ualm
     from megatron_ualm.vocab import VocabMismatch
 
     api.initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
-    overrides = {"audio_encoder_path": args.audio_encoder_path} if args.audio_encoder_path else {}
-    tokenizer = TextTokenizer(args.tokenizer)
-    if args.load:
-        try:
-            model = load_model(args.load, flavor=args.flavor, tokenizer=tokenizer, bf16=args.bf16, **overrides)
-        except (CheckpointError, VocabMismatch) as err:
-            raise SystemExit(f"error: {err}") from None
-    else:
-        model = api.build_model(args.flavor, **({"bf16": True} if args.bf16 else {}), **overrides).eval()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    codec = CodecDecoder.load(args.codec, args.codec_name, device=device) if getattr(args, "codec", None) else None
-    return UALM(model, tokenizer, codec)
+    try:
+        return load_ualm(tokenizer=args.tokenizer, load=args.load, flavor=args.flavor,
+                         codec=getattr(args, "codec", None), codec_name=getattr(args, "codec_name", "xcodec"),
+                         bf16=args.bf16, audio_encoder_path=args.audio_encoder_path)
+    except (CheckpointError, VocabMismatch) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def respond_batches(ualm, conversations: Sequence, params, modality: Optional[str], batch_size: int,

@@ -73,3 +73,48 @@ def load_model(path: str, *, flavor: Optional[str] = None, tokenizer=None, bf16:
     load_checkpoint(model, path)
     model.eval()
     return model
+
+
+def load_ualm(*, tokenizer: str, load: Optional[str] = None, flavor: Optional[str] = None, codec: Optional[str] = None,
+              codec_name: str = "xcodec", bf16: bool = False, transformer_impl: str = "local",
+              audio_encoder_path: Optional[str] = None, upsampler: Optional[str] = None,
+              upsampler_path: Optional[str] = None):
+    """The generation API (``inference.UALM``) over a checkpoint or a random model, for tools.
+
+    Call after ``api.initialize_parallel(tp, pp)``. ``generate``, ``evaluate`` and the
+    post-training data tools build their model this one way.
+
+    Args:
+        tokenizer: tokenizer path (checked against the checkpoint's token-id layout).
+        load: checkpoint (a ``--save`` directory or one iteration folder); None for a random
+            model of ``flavor``.
+        flavor: required without ``load``; optional (and checked) with it.
+        codec: local codec checkpoint (audio out -> waveform); None keeps codes only.
+        codec_name: codec registry name or ``package.module:ClassName``.
+        bf16: bf16 weights and activations.
+        transformer_impl: decoder backend (``local`` applies the padding masks of batched decoding).
+        audio_encoder_path: local encoder weights overriding the checkpoint's.
+        upsampler: ``package.module:ClassName`` of a post-processing hook, with ``upsampler_path``.
+
+    Raises:
+        CheckpointError, VocabMismatch: see ``load_model``.
+    """
+    from megatron_ualm import api
+    from megatron_ualm.data.tokenizer import TextTokenizer
+    from megatron_ualm.inference.audio import CodecDecoder, load_upsampler
+    from megatron_ualm.inference.pipeline import UALM
+
+    if load is None and flavor is None:
+        raise CheckpointError("a random model needs a flavor (a checkpoint would describe its own model)")
+    overrides = {"transformer_impl": transformer_impl}
+    if audio_encoder_path:
+        overrides["audio_encoder_path"] = audio_encoder_path
+    text = TextTokenizer(tokenizer)
+    if load is not None:
+        model = load_model(load, flavor=flavor, tokenizer=text, bf16=bf16, **overrides)
+    else:
+        model = api.build_model(flavor, **({"bf16": True} if bf16 else {}), **overrides).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    decoder = CodecDecoder.load(codec, codec_name, device=device) if codec else None
+    hook = load_upsampler(upsampler, upsampler_path, device=device) if upsampler else None
+    return UALM(model, text, decoder, hook)
