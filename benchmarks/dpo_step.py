@@ -92,7 +92,13 @@ def main() -> None:
     config = make_config(args.flavor, **overrides)
     policy = api.build_model(config)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
-    batch = synthetic_pair_batch(config, args.seq_length, args.pairs, seed=0)
+    def pairs():
+        b = synthetic_pair_batch(config, args.seq_length, args.pairs, seed=0)
+        if args.bf16 and b.rows.audio_in_features is not None:  # no Float16Module here: the encoder reads bf16
+            b.rows.audio_in_features = b.rows.audio_in_features.to(torch.bfloat16)
+        return b
+
+    batch = pairs()
     rows = 2 * args.pairs
     schedule = get_forward_backward_func()
 
@@ -117,7 +123,7 @@ def main() -> None:
     reference.load_state_dict(policy.state_dict())
     reference.requires_grad_(False)
     models_frozen = live_model_parameters()
-    frozen_batch = synthetic_pair_batch(config, args.seq_length, args.pairs, seed=0)
+    frozen_batch = pairs()
 
     def with_frozen_reference() -> None:
         frozen_batch.reference = score_batches(reference, [frozen_batch], args.seq_length)[0].view(args.pairs, 2, -1)
