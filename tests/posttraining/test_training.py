@@ -3,8 +3,9 @@
 One uninterrupted run of each is the reference; resuming it from its iteration-3 checkpoint
 (the state a kill right after that save leaves) reproduces iterations 4..6 exactly: the
 losses, so also the data position. DPO: the first loss is ln 2 (the policy starts as the
-reference), a few steps raise the reward margin, and the frozen reference model gives the
-losses of the stored (precomputed) reference log-probs.
+reference), a few steps raise the reward margin, the frozen reference model gives the
+losses of the stored (precomputed) reference log-probs, and the reference pass split over two
+data-parallel ranks stores what one rank does.
 """
 
 import importlib.util
@@ -35,9 +36,10 @@ _pretrain_test = _load(os.path.join(os.path.dirname(__file__), os.pardir, "train
 resume_dir = _pretrain_test.resume_dir  # the reference's iteration-3 checkpoint alone in a new --save
 
 
-def torchrun(module: str, *args: str) -> str:
-    """Runs ``python -m <module>`` in one torchrun process and returns its output."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m", module, *args]
+def torchrun(module: str, *args: str, nproc: int = 1) -> str:
+    """Runs ``python -m <module>`` in ``nproc`` torchrun processes and returns the output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module,
+           *args]
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, f"{module} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -183,6 +185,22 @@ def test_frozen_reference_model_gives_the_stored_reference_losses(dpo_reference,
     for it in (1, 2, 3):
         for key in ("loss", "dpo loss", "reward margin"):
             assert got[it][key] == pytest.approx(ref[it][key], rel=1e-6, abs=1e-7), (it, key)
+
+
+def test_reference_pass_split_over_data_parallel_ranks(dpo_reference, base, pairs_blend, tmp_path):
+    """DP=2: each rank scores its share of the pairs; the stored arrays and the losses are TP1's."""
+    save = str(tmp_path / "ckpt")
+    args = [a if a != "6" else "3" for a in DPO]
+    torchrun("megatron_ualm.dpo", *RUN, *args, "--blend-file", pairs_blend, "--pretrained-checkpoint", base,
+             "--load", save, "--save", save, nproc=2)
+    for name in sorted(os.listdir(os.path.join(dpo_reference, "reference_logps"))):
+        if name.endswith(".npy"):
+            want = np.load(os.path.join(dpo_reference, "reference_logps", name))
+            got = np.load(os.path.join(save, "reference_logps", name))
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    ref, got = metrics(dpo_reference), metrics(save)
+    for it in (1, 2, 3):
+        assert got[it]["loss"] == pytest.approx(ref[it]["loss"], rel=1e-5), it
 
 
 SFT = ["--train-iters", "6", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3",
