@@ -88,6 +88,9 @@ def check_data(args: argparse.Namespace) -> None:
     from megatron_ualm.posttraining.dpo import DPOConfig
     from megatron_ualm.posttraining.reference import STORE_META
 
+    from megatron_ualm.finetune import check_resumable
+
+    check_resumable(args)
     if args.synthetic_data or not args.blend_file:
         raise ValueError("DPO trains on preference pairs: give --blend-file (tools/preprocess_preferences.py, then "
                          "tools/build_blend.py)")

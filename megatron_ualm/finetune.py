@@ -32,10 +32,26 @@ from megatron_ualm import pretrain
 from megatron_ualm.training import loop
 
 
+def check_resumable(args: argparse.Namespace) -> None:
+    """Refuses ``--finetune`` on a run that resumes from its own directory.
+
+    Megatron's ``--finetune`` loads weights only and restarts at iteration 0 with a fresh
+    optimizer and data position, every time: a resumed run would silently start over.
+    ``--pretrained-checkpoint`` already fine-tunes while ``--load`` holds no checkpoint.
+    """
+    from megatron_ualm.model_record import TRACKER
+
+    if args.finetune and args.load and os.path.isfile(os.path.join(args.load, TRACKER)) and args.save and (
+            os.path.abspath(args.load) == os.path.abspath(args.save)):
+        raise ValueError(f"--finetune with --load {args.load} (this run's --save) would restart at iteration 0 on every "
+                         "resume; drop --finetune: --pretrained-checkpoint starts the run, --load resumes it")
+
+
 def check_data(args: argparse.Namespace) -> None:
     """A starting checkpoint and a readable blend without DPO pairs."""
     from megatron_ualm.model_record import TRACKER
 
+    check_resumable(args)
     loop.check_blend(args)
     start = [p for p in (args.pretrained_checkpoint, args.load) if p and os.path.isfile(os.path.join(p, TRACKER))]
     if not start:
