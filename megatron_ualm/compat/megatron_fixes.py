@@ -63,8 +63,42 @@ def escape_percent_in_docstring_help() -> None:
     ArgumentGroupFactory._build_argparse_kwargs_from_field = build
 
 
+def _ignore_sigterm() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def checkpoint_writer_survives_sigterm() -> None:
+    """Megatron's file-system checkpoint writer collects its results through a multiprocessing
+    ``Manager`` process created at the first save and kept for the run. Slurm (a requeue, a time
+    limit) sends SIGTERM to every process of the job, that manager included: it dies, and the
+    very save ``--exit-signal-handler`` is there to make fails with ``EOFError`` (the run then
+    also hangs at exit). The manager is started here with SIGTERM ignored; it still stops when
+    the run ends (the manager's finalizer sends it a shutdown message, then SIGKILL if needed)."""
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fs
+
+    original = fs.get_write_results_queue
+    if getattr(original, "_ualm_sigterm", False):
+        return
+
+    def get_write_results_queue(mp_mode: str = "spawn"):
+        if fs._results_queue is None:
+            manager = SyncManager(ctx=fs.mp.get_context(mp_mode))
+            manager.start(initializer=_ignore_sigterm)
+            get_write_results_queue.manager = manager  # keeps the manager (and its process) alive
+            fs._results_queue = manager.Queue()
+        return fs._results_queue
+
+    get_write_results_queue._ualm_sigterm = True
+    fs.get_write_results_queue = get_write_results_queue
+
+
 def apply() -> None:
     """Installs every fix in this module."""
     skip_helpers_compilation_when_shipped()
     load_distributed_optimizer_states_without_autograd()
     escape_percent_in_docstring_help()
+    checkpoint_writer_survives_sigterm()

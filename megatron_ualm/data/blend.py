@@ -21,11 +21,14 @@ blending, deterministic for a seed) over one ``UALMDataset`` per shard and split
 
 from __future__ import annotations
 
+import atexit
 import glob
 import json
 import logging
 import math
 import os
+import signal
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -407,7 +410,40 @@ def build_data_loader(dataset, seq_length: int, vocab, micro_batch_size: int, co
     sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                          data_parallel_rank, data_parallel_size)
     collate_fn = collate_fn or partial(collate_packed, seq_length=seq_length, vocab=vocab, attention_mask=attention_mask)
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
         collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed),
-        pin_memory=torch.cuda.is_available())
+        pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_termination if num_workers else None)
+    if num_workers:
+        _LOADERS.add(loader)
+    return loader
+
+
+_LOADERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def ignore_termination(worker_id: int) -> None:
+    """Data-loader workers leave SIGTERM to the training process.
+
+    Slurm (a requeue, a time limit) sends SIGTERM to every process of the job step. With
+    Megatron's ``--exit-signal-handler`` the training rank saves a checkpoint at the end of its
+    iteration and exits; a worker that died of the same signal would instead make the rank's
+    next batch raise before that save. Workers end when the loader shuts down (``_shut_down``,
+    also at exit) or when their parent dies (torch's worker watchdog).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register
+def _shut_down() -> None:
+    """Stops the workers of every loader still alive at exit, through the loader's own shutdown.
+
+    Workers that ignore SIGTERM would otherwise hang the exit of a run that failed: Python's
+    multiprocessing ends daemon children with SIGTERM and then joins them. This handler runs
+    before that one (atexit is last-in, first-out). ``_iterator`` / ``_shutdown_workers`` are
+    torch's private names for the persistent worker iterator and its graceful shutdown.
+    """
+    for loader in list(_LOADERS):
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()

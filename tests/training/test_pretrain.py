@@ -135,6 +135,31 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(reference, tmp_pat
     assert rows[6]["lm loss"] == losses(reference)[6]["lm loss"]
 
 
+def test_sigterm_to_the_whole_job_saves_and_exits(tmp_path):
+    """What Slurm does at a requeue or a time limit: SIGTERM to every process of the step, data
+    workers and Megatron's checkpoint-writer manager included. With --exit-signal-handler the run
+    saves the iteration it is at and exits 0 (signalled after a first save, so the writer's
+    manager process exists)."""
+    save, log = str(tmp_path / "ckpt"), str(tmp_path / "run.log")
+    cmd = [sys.executable, "-m", "megatron_ualm.pretrain", *COMMON[:COMMON.index("--train-iters")],
+           "--train-iters", "500", *COMMON[COMMON.index("--train-iters") + 2:], "--save", save,
+           "--num-workers", "1", "--exit-signal-handler"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=dict(env, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1"), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    while "iteration        4/" not in open(log).read():
+        assert proc.poll() is None and time.time() < deadline, open(log).read()[-4000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, open(log).read()[-4000:]
+    assert "exiting program after receiving SIGTERM" in open(log).read()
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
+        iteration = int(f.read())
+    assert 4 <= iteration < 500 and os.path.isdir(os.path.join(save, f"iter_{iteration:07d}"))
+
+
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     save = str(tmp_path / "ckpt")
     cmd = [sys.executable, os.path.join(HERE, "disk_full_during_save.py"), *COMMON, "--save", save]
