@@ -13,5 +13,6 @@ TRAIN_ARGS=(--micro-batch-size 2 --global-batch-size 256 --train-iters 20000
 # --load holds no checkpoint yet, and resumes --load after that, so a requeued job continues
 # (with --finetune every restart would go back to iteration 0).
 CKPT_ARGS=(--pretrained-checkpoint "${INIT_CKPT:-/ckpt/ualm-1.5b-init}"
-           --load "${CKPT_DIR:-/ckpt/ualm-1.5b-align}" --save "${CKPT_DIR:-/ckpt/ualm-1.5b-align}" --save-interval 1000)
+           --load "${CKPT_DIR:-/ckpt/ualm-1.5b-align}" --save "${CKPT_DIR:-/ckpt/ualm-1.5b-align}" --save-interval 1000
+           --exit-signal-handler)
 LOG_ARGS=(--log-interval 10 --eval-interval 1000 --eval-iters 20 --tensorboard-dir "${TB_DIR:-/ckpt/ualm-1.5b-align/tb}")

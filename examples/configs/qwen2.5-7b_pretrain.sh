@@ -12,6 +12,7 @@ TRAIN_ARGS=(--micro-batch-size 1 --global-batch-size 512 --train-iters 200000
             --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0
             --cfg-condition-dropout 0.05 --freeze full)
 CKPT_ARGS=(--load "${CKPT_DIR:-/ckpt/ualm-7b}" --save "${CKPT_DIR:-/ckpt/ualm-7b}" --save-interval 1000
+           --exit-signal-handler
            --ckpt-format torch_dist --async-save)
 LOG_ARGS=(--log-interval 10 --eval-interval 2000 --eval-iters 20
           --tensorboard-dir "${TB_DIR:-/ckpt/ualm-7b/tb}" --log-timers-to-tensorboard)
