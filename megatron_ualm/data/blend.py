@@ -38,6 +38,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 
+from megatron_ualm.data.families import DEFAULT_UPSAMPLE
 from megatron_ualm.data.dataset import UALMDataset, UALMDatasetConfig
 from megatron_ualm.data.shards import (FAMILIES, SIDECAR, ShardError, ShardReader, check_shard, read_sidecar,
                                        shard_layout)
@@ -45,7 +46,6 @@ from megatron_ualm.vocab import check_layouts, layout_fingerprint
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_UPSAMPLE = {"understanding": 1.0, "generation": 2.0, "text": 1.0, "chat": 1.0, "preference": 1.0}
 BLEND_FORMAT = "ualm-blend"
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
+from megatron_ualm.data.families import FAMILIES
 from megatron_ualm.data.tasks import add_task_arguments
 
 
@@ -297,8 +298,8 @@ def build_blend_main(argv: Optional[Sequence[str]] = None) -> int:
             factors[fam] = float(value)
         except ValueError:
             parser.error(f"--upsample {item!r}: expected FAMILY=FACTOR, e.g. generation=2")
-        if fam not in ("understanding", "generation", "text") or factors[fam] <= 0:
-            parser.error(f"--upsample {item!r}: family must be understanding, generation or text, factor > 0")
+        if fam not in FAMILIES or factors[fam] <= 0:
+            parser.error(f"--upsample {item!r}: family must be one of {', '.join(FAMILIES)}, factor > 0")
     if _no_such_paths(args.shards):
         return 1
     from megatron_ualm.data.blend import find_shards, format_table, plan_blend

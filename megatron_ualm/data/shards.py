@@ -41,13 +41,13 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatase
 
 from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, MEL_HOP, MEL_PER_AUDIO_IN_FRAME, SAMPLES_PER_AUDIO_IN_FRAME
 from megatron_ualm.data.errors import RecordError
+from megatron_ualm.data.families import FAMILIES
 from megatron_ualm.vocab import ROLES, layout_fingerprint, vocab_layout
 
 SHARD_FORMAT = "ualm-shard"
 SHARD_FORMAT_VERSION = 1
 SIDECAR = "shard.json"
 REJECTED = "rejected.jsonl"
-FAMILIES = ("understanding", "generation", "text", "chat", "preference")
 KINDS = ("text", "audio_out", "audio_in")
 STREAM_OF_KIND = {"text": "text", "audio_out": "codes", "audio_in": "audio"}
 KIND_OF_STREAM = {stream: KINDS.index(kind) for kind, stream in STREAM_OF_KIND.items()}

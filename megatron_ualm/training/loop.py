@@ -355,17 +355,15 @@ def run(entry: TrainingEntry, argv: Optional[Sequence[str]] = None) -> None:
 
     lock = None
     try:
-        if args.save and args.rank == 0:
-            lock = RunLock(args.save).acquire()
         check_directories(args)
         (entry.check_data or check_blend)(args)
         during_training.check_args(args)
         run_config = ualm_config_from_args(args)
         layout = (entry.data_layout or blend_layout)(args)
         loaded = check_checkpoint(args, run_config, layout)
+        if args.save and args.rank == 0:  # after the checks: a refused run creates nothing
+            lock = RunLock(args.save).acquire()
     except (RunLockError, CheckpointError, VocabMismatch, ValueError, OSError) as err:
-        if lock is not None:
-            lock.release()
         _fail(str(err))
     tokenizer = (layout or {}).get("tokenizer") or ((loaded or {}).get("vocab") or {}).get("tokenizer")
     _install_record(make_record(run_config, args.flavor, tokenizer,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_ualm.config import UALMConfig
-from megatron_ualm.data.shards import FAMILIES
+from megatron_ualm.data.families import FAMILIES
 from megatron_ualm.flops import step_flops
 from megatron_ualm.models.encoder import encoder_hf_config, window_geometry
 

@@ -7,8 +7,9 @@ from typing import Sequence
 
 
 def read_metrics(path: str) -> list[dict]:
-    """Rows of ``metrics.jsonl`` (one per logged iteration); the last row of an iteration wins
-    (a resumed run logs its iterations again)."""
+    """Rows of ``metrics.jsonl``, one per logged iteration: rows of the same iteration are merged
+    (training and in-training evaluation write separate rows), later values winning (a resumed
+    run logs its iterations again)."""
     rows: dict[int, dict] = {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -19,7 +20,7 @@ def read_metrics(path: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
-            rows[int(row["iteration"])] = row
+            rows.setdefault(int(row["iteration"]), {}).update(row)
     return [rows[i] for i in sorted(rows)]
 
 
