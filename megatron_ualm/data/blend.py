@@ -407,6 +407,10 @@ def build_data_loader(dataset, seq_length: int, vocab, micro_batch_size: int, co
 
     from megatron_ualm.data.batch import collate_packed
 
+    if consumed_samples >= len(dataset):
+        # A finished run started again (a recipe rerun after a later step was killed) draws no
+        # batch, but Megatron's sampler refuses to start at the end of an exactly-sized dataset.
+        consumed_samples = 0
     sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                          data_parallel_rank, data_parallel_size)
     collate_fn = collate_fn or partial(collate_packed, seq_length=seq_length, vocab=vocab, attention_mask=attention_mask)
