@@ -1,0 +1,78 @@
+# Sourced by the post-training recipes (ualm_gen.sh, ualm_reason.sh): how each step is launched,
+# the CPU demo's setup, and the config. Not a program of its own.
+#
+# Three launchers, so the same recipe runs on one machine and on a Slurm allocation:
+#   launch MODULE ARGS...  python -m MODULE on every rank. Outside Slurm: torchrun with
+#                          NPROC_PER_NODE ranks here. Inside an allocation (sbatch, salloc): one
+#                          srun task per node, each a torchrun "node" rendezvousing on the first
+#                          node, as examples/slurm/pretrain.sbatch launches pretraining.
+#   tasks TOOL ARGS...     a data tool split over the allocation's nodes (one srun task per node;
+#                          each takes its share of the shards from SLURM_NTASKS / SLURM_PROCID),
+#                          or one process here.
+#   single TOOL ARGS...    one process (srun --ntasks 1 inside an allocation).
+PYTHON=${PYTHON:-.venv/bin/python}
+[ -x "$PYTHON" ] || PYTHON=python
+export TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+CONFIG=${CONFIG:-examples/post_training/configs/debug_cpu.sh}
+[ -f "$CONFIG" ] || { echo "post-training recipe: no config $CONFIG in $PWD (run from the repository root, or set CONFIG)" >&2; exit 2; }
+# shellcheck source=/dev/null
+source "$CONFIG"
+_PORT=$((20000 + ${SLURM_JOB_ID:-$$} % 20000))
+
+step() { echo; echo "== $* ($(date +%T))"; }
+
+launch() {
+  local module=$1; shift
+  if [ -n "${SLURM_JOB_ID:-}" ]; then
+    _PORT=$((_PORT + 1))  # a fresh rendezvous per step
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) MASTER_PORT=$_PORT PYTHON=$PYTHON \
+    srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" \
+      bash -c '"$PYTHON" -m torch.distributed.run --nnodes "$SLURM_NTASKS" --node-rank "$SLURM_PROCID" \
+                 --nproc-per-node "$NPROC_PER_NODE" --rdzv-id "$SLURM_JOB_ID-$MASTER_PORT" --rdzv-backend c10d \
+                 --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" -m "$@"' _ "$module" "$@"
+  else
+    "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC_PER_NODE" -m "$module" "$@"
+  fi
+}
+
+tasks() {
+  if [ -n "${SLURM_JOB_ID:-}" ]; then
+    srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" \
+      "$PYTHON" "$@"
+  else
+    "$PYTHON" "$@"
+  fi
+}
+
+single() {
+  if [ -n "${SLURM_JOB_ID:-}" ]; then srun --nodes=1 --ntasks=1 "$PYTHON" "$@"; else "$PYTHON" "$@"; fi
+}
+
+# The CPU demo's inputs when the config names none: tiny random tokenizer / codec / scorers /
+# critic, prompts and Reason records (megatron_ualm.posttraining.recipes), and a starting
+# checkpoint pretrained from the quick-start corpus. Sets the variables the recipes read.
+demo_setup() {
+  local w=$1
+  if [ -n "${BASE_CKPT:-}" ]; then return; fi
+  step "setup: tiny components and inputs (megatron_ualm.posttraining.recipes)"
+  [ -f "$w/setup/paths.sh" ] || single -m megatron_ualm.posttraining.recipes --workdir "$w/setup" \
+    --num-prompts "${NUM_PROMPTS:-8}"
+  # shellcheck source=/dev/null
+  source "$w/setup/paths.sh"
+  step "setup: the starting checkpoint (${PRETRAIN_ARGS[*]})"
+  launch megatron_ualm.pretrain "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${PRECISION_ARGS[@]}" "${PRETRAIN_ARGS[@]}" \
+    --blend-file "$PRETRAIN_BLEND" --data-cache-path "$w/cache" --load "$w/base" --save "$w/base"
+  BASE_CKPT=$w/base
+}
+
+# shards NAME TOOL MANIFEST...: a data tool's shards of the manifests under $W/shards/NAME, and their blend.
+shards() {
+  local name=$1 tool=$2; shift 2
+  tasks "tools/$tool.py" --input "$@" --output "$W/shards/$name" --tokenizer "$TOKENIZER" --codec-path "$CODEC" \
+    "${DATA_TOOL_ARGS[@]}"
+}
+
+blend() {
+  local out=$1; shift
+  single tools/build_blend.py "$@" --output "$out"
+}
