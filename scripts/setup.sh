@@ -25,4 +25,4 @@ fi
 .venv/bin/python -m pip install -q -e ".[dev,eval]" "torch==${TORCH_VERSION}" "torchaudio==${TORCH_VERSION}"
 # torchopenl3 (OpenL3, the FD backbone) pins resampy<0.3, which no longer builds; it runs on [eval]'s resampy.
 .venv/bin/python -m pip install -q --no-deps "torchopenl3==1.0.1"
-.venv/bin/python -c "import megatron.core, torch, megatron_ualm; print('megatron-core', megatron.core.__version__, '| torch', torch.__version__, '| setup ok')"
+.venv/bin/python -c "import megatron_ualm, megatron.core, torch; print('megatron-core', megatron.core.__version__, '| torch', torch.__version__, '| setup ok')"

@@ -67,6 +67,7 @@ PROGRAMS = _programs()
 def helps():
     """Runs every ``--help`` once, two at a time (each imports torch, some Megatron)."""
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    env.pop("UALM_FALLBACK_NOTICE_SHOWN", None)  # set by this pytest process's own import
 
     def run(item):
         _, argv, _ = item
@@ -93,8 +94,10 @@ def test_pretrain_help_has_the_ualm_group(helps):
 
 def test_fallback_warnings_print_once(helps):
     """Without Transformer Engine / Apex: one summary line instead of Megatron's five warnings."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed here: nothing falls back")
     err = helps["-m megatron_ualm.pretrain"].stderr
-    if "Transformer Engine" not in err:
-        pytest.skip("Transformer Engine and Apex are installed here: nothing falls back")
     assert err.count("Transformer Engine") == 1, err
     assert "Falling back" not in err and "No CUDA runtime is found" not in err

@@ -23,8 +23,13 @@ _SUMMARY = ("[megatron_ualm] Transformer Engine / Apex not installed: Megatron-C
 _state = {"installed": False, "said": False}
 
 
-def _rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+_SAID_ENV = "UALM_FALLBACK_NOTICE_SHOWN"
+
+
+def _first_to_say() -> bool:
+    """Rank 0, and not a helper process it started (data workers, Megatron's spawned checkpoint
+    manager inherit the environment, where the notice marks itself as said)."""
+    return os.environ.get("RANK", "0") == "0" and not os.environ.get(_SAID_ENV)
 
 
 def install() -> None:
@@ -36,8 +41,9 @@ def install() -> None:
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
         if _MISSING.search(str(message)):
-            if not _state["said"] and _rank0():
+            if not _state["said"] and _first_to_say():
                 print(_SUMMARY, file=sys.stderr, flush=True)
+                os.environ[_SAID_ENV] = "1"
             _state["said"] = True
             return
         original(message, category, filename, lineno, file, line)
