@@ -221,20 +221,20 @@ def _prompt_turns(rec: Any, mode: str, instructions: Mapping[str, str]) -> list:
     if not isinstance(rec, dict):
         raise RecordError(f"a prompt record must be a JSON object, got {type(rec).__name__}")
     if "messages" in rec or "conversations" in rec or rec.get("kind") in KINDS:
-        turns = record_turns(rec, instructions)
+        turns, field = record_turns(rec, instructions), "messages"
         turns = turns[:prompt_cut(turns, mode)]
-        if not turns:
-            raise RecordError("starts with the assistant's reply: no prompt before it", "messages")
-        return turns
-    value = rec.get("prompt")
-    if isinstance(value, str):
-        if not value.strip():
+    elif isinstance(rec.get("prompt"), str):
+        if not rec["prompt"].strip():
             raise RecordError("is empty text", "prompt")
-        return [Turn("user", "prompt", "prompt", text=value)]
-    if isinstance(value, list) and value:
-        return [message_turn(m, f"prompt[{i}]") for i, m in enumerate(value)]
-    raise RecordError('needs "prompt" (text or a list of chat messages), "messages" (a chat record) or a UALM-Reason '
-                      '"kind" record, e.g. {"id": "a1", "prompt": "rain on a tin roof"}')
+        return [Turn("user", "prompt", "prompt", text=rec["prompt"])]
+    elif isinstance(rec.get("prompt"), list) and rec["prompt"]:
+        turns, field = [message_turn(m, f"prompt[{i}]") for i, m in enumerate(rec["prompt"])], "prompt"
+    else:
+        raise RecordError('needs "prompt" (text or a list of chat messages), "messages" (a chat record) or a '
+                          'UALM-Reason "kind" record, e.g. {"id": "a1", "prompt": "rain on a tin roof"}')
+    if not any(t.role != "assistant" for t in turns):
+        raise RecordError("has no user or system message before the reply: nothing to prompt with", field)
+    return turns
 
 
 def _audio_path(turn, root: str) -> tuple[str, Optional[float], Optional[float]]:
@@ -357,8 +357,12 @@ def atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def jsonl_text(records: Sequence[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
 def write_jsonl(path: str, records: Sequence[dict]) -> None:
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write(path, jsonl_text(records))
 
 
 def save_codes(path: str, codes: Mapping[str, np.ndarray]) -> str:
@@ -441,6 +445,7 @@ def check_run(out: str, settings: dict, name: str = "run.json") -> None:
     """Records the run's settings in ``<out>/<name>``, or refuses settings that differ from it."""
     path = os.path.join(out, name)
     os.makedirs(out, exist_ok=True)
+    settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     if os.path.isfile(path):
         with open(path) as f:
@@ -641,7 +646,9 @@ def scorer_device() -> str:
 
 
 def fail(message: str) -> "SystemExit":
-    return SystemExit(f"error: {message}")
+    """Prints ``error: message`` and returns the exit (status 2, as the data tools' user errors)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return SystemExit(2)
 
 
 # ---------------------------------------------------------------------------------------------

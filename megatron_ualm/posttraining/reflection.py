@@ -265,12 +265,22 @@ def first_pass(args, launch, ualm, plans: Sequence[PlanRecord], done: set) -> No
             bar.update(sum(i not in done for i in items))
 
 
-def write_requests(out: str, plans: Sequence[PlanRecord], first: dict) -> int:
-    """``critic_requests.jsonl``: the first-pass records a critic should fill; returns how many."""
+def write_requests(out: str, plans: Sequence[PlanRecord], first: dict) -> Optional[int]:
+    """``critic_requests.jsonl``: the first-pass records a critic should fill.
+
+    Returns:
+        How many, or None when the file already held them.
+    """
     rows = [{"id": r.id, "prompt": r.rec["prompt"], "plan": r.plan, "caption_1": first[r.index]["caption_1"],
              **({"audio_1": first[r.index]["audio_1"]} if "audio_1" in first[r.index] else {}), "critique": None}
             for r in plans if "invalid" not in first[r.index]]
-    P.write_jsonl(os.path.join(out, "critic_requests.jsonl"), rows)
+    path = os.path.join(out, "critic_requests.jsonl")
+    text = P.jsonl_text(rows)
+    if os.path.isfile(path):
+        with open(path) as f:
+            if f.read() == text:
+                return None
+    P.atomic_write(path, text)
     return len(rows)
 
 
@@ -336,7 +346,7 @@ def refine(args, launch, ualm, plans: Sequence[PlanRecord], first: dict, critiqu
                 for r, reply in zip(group, replies):
                     if r.index in done:
                         continue
-                    entry = {"index": r.index, "id": r.id}
+                    entry = {"index": r.index, "id": r.id, "critique": critiques[r.id]}
                     if not reply.codes or reply.codes[-1].shape[1] == 0:
                         entry["invalid"] = "no_audio_2"
                     else:
@@ -364,6 +374,12 @@ def assemble(args, plans: Sequence[PlanRecord], first: dict, critiques: dict, re
             return None, (f"{len(waiting)} record(s) await a critique in {args.out}/critic_requests.jsonl: run with "
                           "--critic-model PATH, or fill the file's \"critique\" fields and pass it as --critic-file")
     waiting = [r for r in plans if needs_refine(r, first, critiques) and r.index not in refined]
+    changed = [r.id for r in plans if needs_refine(r, first, critiques) and r.index in refined
+               and refined[r.index]["critique"] != critiques[r.id]]
+    if changed:
+        raise ValueError(f"record {changed[0]!r} (and {len(changed) - 1} more): its critique differs from the one its "
+                         f"audio 2 was generated after ({args.out}/{REFINED}*.jsonl); use that critique, or delete "
+                         "those files to generate audio 2 again")
     if waiting:
         return None, (f"{len(waiting)} record(s) without target audio need audio 2 generated: run with the model "
                       "flags (--load ...)")
@@ -449,12 +465,12 @@ def run(args) -> None:
     """Runs the stages the flags and the files allow, then assembles or says what is left."""
     plans = read_plans(args.input, args.audio_root)
     digest = hashlib.sha256(json.dumps([(r.id, r.rec) for r in plans], sort_keys=True).encode()).hexdigest()[:16]
-    P.check_run(args.out, {"inputs": digest, "write_wavs": args.write_wavs})
+    P.check_run(args.out, {"inputs": digest})
     launch = None
     if args.model:
         from megatron_ualm import api
 
-        P.check_run(args.out, {"model": P.model_identity(args)}, "model.json")
+        P.check_run(args.out, {"model": P.model_identity(args), "write_wavs": args.write_wavs}, "model.json")
         launch = P.start_launch(args)
         model: list = []
 
@@ -474,7 +490,8 @@ def run(args) -> None:
     complete = all(r.index in first for r in plans)
     if complete and (launch is None or launch.rank == 0):
         n = write_requests(args.out, plans, first)
-        print(f"{n} record(s) for a critic in {os.path.join(args.out, 'critic_requests.jsonl')}", flush=True)
+        if n is not None:
+            print(f"{n} record(s) for a critic in {os.path.join(args.out, 'critic_requests.jsonl')}", flush=True)
     if complete and args.critic_model:
         run_critic(args, plans, first)
     if launch is not None:
