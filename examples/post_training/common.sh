@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the post-training recipes (ualm_gen.sh, ualm_reason.sh): how each step is launched,
 # the CPU demo's setup, and the config. Not a program of its own.
 #
@@ -25,7 +26,9 @@ launch() {
   local module=$1; shift
   if [ -n "${SLURM_JOB_ID:-}" ]; then
     _PORT=$((_PORT + 1))  # a fresh rendezvous per step
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) MASTER_PORT=$_PORT PYTHON=$PYTHON \
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    export MASTER_ADDR MASTER_PORT=$_PORT PYTHON
+    # shellcheck disable=SC2016  # each task's own shell expands the variables
     srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" \
       bash -c '"$PYTHON" -m torch.distributed.run --nnodes "$SLURM_NTASKS" --node-rank "$SLURM_PROCID" \
                  --nproc-per-node "$NPROC_PER_NODE" --rdzv-id "$SLURM_JOB_ID-$MASTER_PORT" --rdzv-backend c10d \
@@ -59,7 +62,7 @@ demo_setup() {
     --num-prompts "${NUM_PROMPTS:-8}"
   # shellcheck source=/dev/null
   source "$w/setup/paths.sh"
-  step "setup: the starting checkpoint (${PRETRAIN_ARGS[*]})"
+  step "setup: the starting checkpoint (megatron_ualm.pretrain on the quick-start corpus)"
   launch megatron_ualm.pretrain "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${PRECISION_ARGS[@]}" "${PRETRAIN_ARGS[@]}" \
     --blend-file "$PRETRAIN_BLEND" --data-cache-path "$w/cache" --load "$w/base" --save "$w/base"
   BASE_CKPT=$w/base
@@ -72,7 +75,22 @@ shards() {
     "${DATA_TOOL_ARGS[@]}"
 }
 
+# blend OUT SHARD_DIR...: the training blend of shard outputs.
 blend() {
   local out=$1; shift
   single tools/build_blend.py "$@" --output "$out"
+}
+
+# pairs CKPT PROMPTS OUT: preference pairs (and the adaptation manifest) from CKPT's generations.
+pairs() {
+  launch megatron_ualm.posttraining.pairs --load "$1" --tokenizer "$TOKENIZER" --codec "$CODEC" --prompts "$2" \
+    --out "$3" --scorer clap="$CLAP" --scorer aesthetics="$AES" "${GEN_ARGS[@]}" "${PAIR_ARGS[@]}"
+}
+
+# train MODULE CKPT OUT BLEND FLAGS...: a training entry point (megatron_ualm.finetune / .dpo) that
+# starts from CKPT and keeps its own run in OUT (--load and --save: a rerun resumes), on BLEND.
+train() {
+  local module=$1 ckpt=$2 out=$3 blend=$4; shift 4
+  launch "$module" "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${PRECISION_ARGS[@]}" "$@" \
+    --pretrained-checkpoint "$ckpt" --load "$out" --save "$out" --blend-file "$blend" --data-cache-path "$W/cache"
 }

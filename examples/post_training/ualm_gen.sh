@@ -25,23 +25,18 @@ W=${WORKDIR:-runs/post_training/gen}
 mkdir -p "$W"
 demo_setup "$W"
 
-step "1/3 preference pairs: ${PAIR_ARGS[*]} candidates per prompt from $BASE_CKPT, scored by CLAP and aesthetics"
-launch megatron_ualm.posttraining.pairs --load "$BASE_CKPT" --tokenizer "$TOKENIZER" --codec "$CODEC" \
-  --prompts "$PROMPTS" --out "$W/pairs" --scorer clap="$CLAP" --scorer aesthetics="$AES" "${GEN_ARGS[@]}" "${PAIR_ARGS[@]}"
+step "1/3 preference pairs from $BASE_CKPT (${PAIR_ARGS[*]}), scored by CLAP and aesthetics"
+pairs "$BASE_CKPT" "$PROMPTS" "$W/pairs"
 
 step "2/3 adaptation: SFT on the winning generations"
 shards adaptation preprocess_chat "$W/pairs/adaptation.jsonl"
 blend "$W/adaptation_blend.json" "$W/shards/adaptation"
-launch megatron_ualm.finetune "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${PRECISION_ARGS[@]}" "${SFT_ARGS[@]}" \
-  --pretrained-checkpoint "$BASE_CKPT" --load "$W/adapted" --save "$W/adapted" \
-  --blend-file "$W/adaptation_blend.json" --data-cache-path "$W/cache"
+train megatron_ualm.finetune "$BASE_CKPT" "$W/adapted" "$W/adaptation_blend.json" "${SFT_ARGS[@]}"
 
 step "3/3 DPO from the adapted model"
 shards pairs preprocess_preferences "$W/pairs/pairs.jsonl"
 blend "$W/pairs_blend.json" "$W/shards/pairs"
-launch megatron_ualm.dpo "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${PRECISION_ARGS[@]}" "${DPO_ARGS[@]}" \
-  --pretrained-checkpoint "$W/adapted" --load "$W/dpo" --save "$W/dpo" \
-  --blend-file "$W/pairs_blend.json" --data-cache-path "$W/cache"
+train megatron_ualm.dpo "$W/adapted" "$W/dpo" "$W/pairs_blend.json" "${DPO_ARGS[@]}"
 
 echo
 echo "UALM-Gen post-training done: adapted $W/adapted, DPO $W/dpo (metrics: $W/dpo/metrics.jsonl)"

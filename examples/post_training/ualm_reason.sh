@@ -31,27 +31,17 @@ demo_setup "$W"
 pairs_then_dpo() {
   local n=$1 ckpt=$2
   step "pairs $n: candidates after the plan from $ckpt, ranked by CLAP against the plan and aesthetics"
-  launch megatron_ualm.posttraining.pairs --load "$ckpt" --tokenizer "$TOKENIZER" --codec "$CODEC" \
-    --prompts "$REASON_PROMPTS" --out "$W/pairs$n" --scorer clap="$CLAP" --scorer aesthetics="$AES" \
-    "${GEN_ARGS[@]}" "${PAIR_ARGS[@]}"
+  pairs "$ckpt" "$REASON_PROMPTS" "$W/pairs$n"
   step "DPO-$n from $ckpt"
   shards "pairs$n" preprocess_preferences "$W/pairs$n/pairs.jsonl"
   blend "$W/pairs${n}_blend.json" "$W/shards/pairs$n"
-  launch megatron_ualm.dpo "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${PRECISION_ARGS[@]}" "${DPO_ARGS[@]}" \
-    --pretrained-checkpoint "$ckpt" --load "$W/dpo$n" --save "$W/dpo$n" \
-    --blend-file "$W/pairs${n}_blend.json" --data-cache-path "$W/cache"
-}
-
-# sft NAME CKPT BLEND: fine-tune CKPT on BLEND into $W/NAME.
-sft() {
-  launch megatron_ualm.finetune "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${PRECISION_ARGS[@]}" "${SFT_ARGS[@]}" \
-    --pretrained-checkpoint "$2" --load "$W/$1" --save "$W/$1" --blend-file "$3" --data-cache-path "$W/cache"
+  train megatron_ualm.dpo "$ckpt" "$W/dpo$n" "$W/pairs${n}_blend.json" "${DPO_ARGS[@]}"
 }
 
 step "SFT-1 on the UALM-Reason data (enrichment, dialogue)"
 shards reason preprocess_chat "$REASON"
 blend "$W/sft1_blend.json" "$W/shards/reason"
-sft sft1 "$BASE_CKPT" "$W/sft1_blend.json"
+train megatron_ualm.finetune "$BASE_CKPT" "$W/sft1" "$W/sft1_blend.json" "${SFT_ARGS[@]}"
 
 pairs_then_dpo 1 "$W/sft1"
 
@@ -63,8 +53,8 @@ step "self-reflection data: the critic (${CRITIC:-a JSONL by an outside tool})"
 if [ -n "${CRITIC:-}" ]; then
   single -m megatron_ualm.posttraining.reflection "${REFLECT[@]}" --critic-model "$CRITIC" "${CRITIC_ARGS[@]}"
   CRITIC_SOURCE=()
-else
-  CRITIC_SOURCE=(--critic-file "$CRITIC_FILE")  # e.g. $W/reflection/critic_requests.jsonl with "critique" filled in
+else  # critiques by an outside tool, e.g. $W/reflection/critic_requests.jsonl with "critique" filled in
+  CRITIC_SOURCE=(--critic-file "${CRITIC_FILE:?set CRITIC (a local causal LM) or CRITIC_FILE (critiques by an outside tool, JSONL)}")
 fi
 step "self-reflection data: audio 2 (target clip, or a second generation after the critique) and the records"
 launch megatron_ualm.posttraining.reflection "${REFLECT[@]}" "${CRITIC_SOURCE[@]}" --load "$W/dpo1" \
@@ -73,7 +63,7 @@ launch megatron_ualm.posttraining.reflection "${REFLECT[@]}" "${CRITIC_SOURCE[@]
 step "SFT-2 from DPO-1 on the self-reflection records merged with round 1"
 shards reflection preprocess_chat "$W/reflection/self_reflection.jsonl"
 blend "$W/sft2_blend.json" "$W/shards/reflection" "$W/shards/reason"
-sft sft2 "$W/dpo1" "$W/sft2_blend.json"
+train megatron_ualm.finetune "$W/dpo1" "$W/sft2" "$W/sft2_blend.json" "${SFT_ARGS[@]}"
 
 pairs_then_dpo 2 "$W/sft2"
 

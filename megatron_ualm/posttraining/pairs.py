@@ -58,7 +58,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -299,8 +299,44 @@ def inference_turn(turn, root: str, audio_decoder: str = "soundfile"):
     return Turn(turn.role, audio=wave, sample_rate=AUDIO_IN_SAMPLE_RATE)
 
 
+def read_inputs(paths: Sequence[str], audio_root: Optional[str], parse: Callable[[dict, str], Any]) -> list[tuple]:
+    """``(index, id, "file:line", audio root, parse(record, root))`` of every record of the JSONL files.
+
+    Args:
+        paths: the files, read in order.
+        audio_root: where relative audio paths resolve (default: each file's folder).
+        parse: checks one record (a dict) and returns what the caller keeps; raises ``RecordError``.
+
+    Raises:
+        ValueError: a bad record (``file:line``, field, reason), an id given twice, or no records.
+    """
+    from megatron_ualm.data.errors import RecordError
+    from megatron_ualm.evaluation.jsonl import read_records
+
+    out: list[tuple] = []
+    seen: dict[str, str] = {}
+    for path in paths:
+        root = audio_root or os.path.dirname(os.path.abspath(path))
+        for line, rec in read_records(path):
+            where = f"{path}:{line}"
+            try:
+                if not isinstance(rec, dict):
+                    raise RecordError(f"a record must be a JSON object, got {type(rec).__name__}")
+                value = parse(rec, root)
+            except RecordError as err:
+                raise ValueError(str(err.at(where))) from None
+            rid = str(rec.get("id", f"{len(out):06d}"))
+            if rid in seen:
+                raise ValueError(f"{where}: id {rid!r} is also the id of {seen[rid]}; give every record its own id")
+            seen[rid] = where
+            out.append((len(out), rid, where, root, value))
+    if not out:
+        raise ValueError(f"{', '.join(paths)}: no records")
+    return out
+
+
 def read_prompts(paths: Sequence[str], mode: str, audio_root: Optional[str] = None) -> list[PromptRecord]:
-    """All prompt records of the files, checked (module docstring of ``tools/make_preference_pairs``).
+    """All prompt records of the files, checked.
 
     Accepted lines: ``{"prompt": "text" | [chat messages], "id"?, "score_text"?}``, a chat
     record ``{"messages": [...]}`` or a UALM-Reason record (``"kind"``); the last two are cut
@@ -311,37 +347,25 @@ def read_prompts(paths: Sequence[str], mode: str, audio_root: Optional[str] = No
     """
     from megatron_ualm.data.chat import default_instructions
     from megatron_ualm.data.errors import RecordError
-    from megatron_ualm.evaluation.jsonl import read_records
 
     instructions = default_instructions()
-    out: list[PromptRecord] = []
-    seen: dict[str, str] = {}
-    for path in paths:
-        root = audio_root or os.path.dirname(os.path.abspath(path))
-        for line, rec in read_records(path):
-            where = f"{path}:{line}"
-            try:
-                turns = _prompt_turns(rec, mode, instructions)
-                messages = [manifest_message(t, root) for t in turns]
-                if mode == "text" and not any(t.audio is not None and t.role != "assistant" for t in turns):
-                    raise RecordError("has no audio-in message: --mode text scores each reply against the prompt's "
-                                      "audio", "prompt")
-                score_text = rec.get("score_text")
-                if score_text is not None and not isinstance(score_text, str):
-                    raise RecordError("must be a string", "score_text")
-            except RecordError as err:
-                raise ValueError(str(err.at(where))) from None
-            if score_text is None:
-                texts = [t.text for t in turns if t.text is not None and t.role != "system"]
-                score_text = texts[-1] if texts else None
-            rid = str(rec.get("id", f"{len(out):06d}"))
-            if rid in seen:
-                raise ValueError(f"{where}: id {rid!r} is also the id of {seen[rid]}; give every prompt its own id")
-            seen[rid] = where
-            out.append(PromptRecord(len(out), rid, where, turns, messages, score_text, root))
-    if not out:
-        raise ValueError(f"{', '.join(paths)}: no prompt records")
-    return out
+
+    def parse(rec: dict, root: str) -> tuple:
+        turns = _prompt_turns(rec, mode, instructions)
+        messages = [manifest_message(t, root) for t in turns]
+        if mode == "text" and not any(t.audio is not None and t.role != "assistant" for t in turns):
+            raise RecordError("has no audio-in message: --mode text scores each reply against the prompt's audio",
+                              "prompt")
+        score_text = rec.get("score_text")
+        if score_text is not None and not isinstance(score_text, str):
+            raise RecordError("must be a string", "score_text")
+        if score_text is None:
+            texts = [t.text for t in turns if t.text is not None and t.role != "system"]
+            score_text = texts[-1] if texts else None
+        return turns, messages, score_text
+
+    return [PromptRecord(i, rid, where, turns, messages, score_text, root)
+            for i, rid, where, root, (turns, messages, score_text) in read_inputs(paths, audio_root, parse)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,14 +557,19 @@ def broadcast(obj):
     return holder[0]
 
 
-def done_items(launch: Launch, out: str, stem: str) -> set[int]:
-    """The finished items (every rank agrees): writers cut their torn lines, rank 0 reads."""
+def journals_on_every_rank(out: str, stem: str) -> dict[int, dict]:
+    """``read_journals`` once every rank got here (all writes done), read by rank 0, on every rank."""
     import torch
 
+    torch.distributed.barrier()
+    return broadcast(read_journals(out, stem) if torch.distributed.get_rank() == 0 else None)
+
+
+def done_items(launch: Launch, out: str, stem: str) -> set[int]:
+    """The finished items (every rank agrees): writers cut their torn lines, rank 0 reads."""
     if launch.writer:
         Journal(journal_path(out, stem, launch.task)).repair()
-    torch.distributed.barrier()
-    return broadcast(set(read_journals(out, stem)) if launch.rank == 0 else None)
+    return set(journals_on_every_rank(out, stem))
 
 
 def task_groups(num_items: int, batch_size: int, task, done: set) -> list[tuple[int, list[int]]]:
@@ -608,9 +637,9 @@ def decoding_params(args, seed: int):
 
 def add_task_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group(
-        "tasks", "Split the prompts across launches writing into the same --out (Slurm array tasks: the defaults "
+        "tasks", "Split the work across launches writing into the same --out (Slurm array tasks: the defaults "
                  "come from SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID); data-parallel replicas of one launch "
-                 "split each task further. Group k of --batch-size prompts goes to task k mod N.")
+                 "split each task further. Group k of --batch-size prompts (records) goes to task k mod N.")
     g.add_argument("--num-tasks", type=int, metavar="N", help="number of tasks (default: the Slurm array's, else 1)")
     g.add_argument("--task-index", type=int, metavar="I", help="this task, 0..N-1 (default: the Slurm array's, else 0)")
 

@@ -112,39 +112,23 @@ def read_plans(paths: Sequence[str], audio_root: Optional[str] = None) -> list[P
     """
     from megatron_ualm.data.errors import RecordError
     from megatron_ualm.data.records import _audio_source
-    from megatron_ualm.evaluation.jsonl import read_records
 
-    out: list[PlanRecord] = []
-    seen: dict[str, str] = {}
-    for path in paths:
-        root = audio_root or os.path.dirname(os.path.abspath(path))
-        for line, raw in read_records(path):
-            where = f"{path}:{line}"
-            try:
-                if not isinstance(raw, dict):
-                    raise RecordError(f"a record must be a JSON object, got {type(raw).__name__}")
-                rec = {k: raw[k] for k in ("prompt", "rich_caption", "system", "critique_prompt", "codes", "start",
-                                           "end") if raw.get(k) is not None}
-                turns = reflection_turns(rec)
-                if rec.get("codes") is not None:
-                    P.check_codes(rec["codes"], "codes")
-                elif raw.get("audio") is not None:
-                    source, _ = _audio_source(raw, ("audio",), root)
-                    if not isinstance(source, str) or not os.path.isfile(source):
-                        raise RecordError(f"audio file {source} does not exist (relative paths resolve against "
-                                          "--audio-root, default the input file's folder)", "audio")
-                    rec["audio"] = os.path.abspath(source)
-            except RecordError as err:
-                raise ValueError(str(err.at(where))) from None
-            rid = str(raw.get("id", f"{len(out):06d}"))
-            if rid in seen:
-                raise ValueError(f"{where}: id {rid!r} is also the id of {seen[rid]}; give every record its own id")
-            seen[rid] = where
-            plan = next(t.text for t in turns if t.part == "plan")
-            out.append(PlanRecord(len(out), rid, where, rec, plan, "audio" in rec or "codes" in rec))
-    if not out:
-        raise ValueError(f"{', '.join(paths)}: no records")
-    return out
+    def parse(raw: dict, root: str) -> tuple:
+        rec = {k: raw[k] for k in ("prompt", "rich_caption", "system", "critique_prompt", "codes", "start", "end")
+               if raw.get(k) is not None}
+        turns = reflection_turns(rec)
+        if rec.get("codes") is not None:
+            P.check_codes(rec["codes"], "codes")
+        elif raw.get("audio") is not None:
+            source, _ = _audio_source(raw, ("audio",), root)
+            if not isinstance(source, str) or not os.path.isfile(source):
+                raise RecordError(f"audio file {source} does not exist (relative paths resolve against --audio-root, "
+                                  "default the input file's folder)", "audio")
+            rec["audio"] = os.path.abspath(source)
+        return rec, next(t.text for t in turns if t.part == "plan")
+
+    return [PlanRecord(i, rid, where, rec, plan, "audio" in rec or "codes" in rec)
+            for i, rid, where, _, (rec, plan) in P.read_inputs(paths, audio_root, parse)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +211,7 @@ def first_pass(args, launch, ualm, plans: Sequence[PlanRecord], done: set) -> No
     from megatron_ualm.inference.reasoning import ReasoningPrompts, _text_params
 
     listen = ReasoningPrompts().listen
+    model = ualm()  # on every rank, also a replica without groups: loading a checkpoint is collective
     journal = P.Journal(P.journal_path(args.out, FIRST, launch.task))
     groups = P.task_groups(len(plans), args.batch_size, launch.task, done)
     total = P.task_items(len(plans), args.batch_size, launch.task)
@@ -236,9 +221,9 @@ def first_pass(args, launch, ualm, plans: Sequence[PlanRecord], done: set) -> No
             group = [plans[i] for i in items]
             params = P.decoding_params(args, args.seed + k)
             conversations = [[P.inference_turn(t, "") for t in reflection_turns(r.rec)] for r in group]
-            replies = ualm().respond(conversations, dataclasses.replace(params, stop_at_eot=True), modality="audio")
+            replies = model.respond(conversations, dataclasses.replace(params, stop_at_eot=True), modality="audio")
             heard = [j for j, r in enumerate(replies) if r.codes and r.codes[-1].shape[1] > 0]
-            captions = ualm().respond([[Turn("user", audio=replies[j].waves[-1], sample_rate=replies[j].sample_rate),
+            captions = model.respond([[Turn("user", audio=replies[j].waves[-1], sample_rate=replies[j].sample_rate),
                                         Turn("user", text=listen)] for j in heard], _text_params(params), "text") \
                 if heard else []
             caption_of = {j: c.text.strip() for j, c in zip(heard, captions)}
@@ -324,6 +309,7 @@ def refine(args, launch, ualm, plans: Sequence[PlanRecord], first: dict, critiqu
     """Audio 2 by a second generation for this task's records without a target."""
     import dataclasses
 
+    model = ualm()  # on every rank (collective loading)
     journal = P.Journal(P.journal_path(args.out, REFINED, launch.task))
     eligible = {r.index for r in plans if needs_refine(r, first, critiques)}
     # The fixed groups of the first pass, each cut to its eligible records (a group's batch does
@@ -341,7 +327,7 @@ def refine(args, launch, ualm, plans: Sequence[PlanRecord], first: dict, critiqu
                 turns = reflection_turns(r.rec, codes_1, first[r.index]["caption_1"], critiques[r.id])
                 conversations.append([P.inference_turn(t, "") for t in turns])
             params = dataclasses.replace(P.decoding_params(args, args.seed + REFINE_SEED_OFFSET + k), stop_at_eot=True)
-            replies = ualm().respond(conversations, params, modality="audio")
+            replies = model.respond(conversations, params, modality="audio")
             if launch.writer:
                 for r, reply in zip(group, replies):
                     if r.index in done:
@@ -474,7 +460,7 @@ def run(args) -> None:
         launch = P.start_launch(args)
         model: list = []
 
-        def ualm():  # loaded when a stage has work (checkpoint loading is collective: every rank asks alike)
+        def ualm():  # loaded once, by the first stage with work anywhere in the launch
             if not model:
                 from megatron_ualm.evaluation.runner import build_ualm
 
@@ -484,7 +470,7 @@ def run(args) -> None:
         done = P.done_items(launch, args.out, FIRST)
         if any(P.task_groups(len(plans), args.batch_size, t, done) for t in launch.tasks):
             first_pass(args, launch, ualm, plans, done)
-        first = P.broadcast(P.read_journals(args.out, FIRST) if launch.rank == 0 else None)
+        first = P.journals_on_every_rank(args.out, FIRST)
     else:
         first = P.read_journals(args.out, FIRST)
     complete = all(r.index in first for r in plans)
@@ -500,7 +486,7 @@ def run(args) -> None:
             done = P.done_items(launch, args.out, REFINED)
             if any(needs_refine(r, first, critiques) and r.index not in done for r in plans):
                 refine(args, launch, ualm, plans, first, critiques, done)
-        refined = P.broadcast(P.read_journals(args.out, REFINED) if launch.rank == 0 else None)
+        refined = P.journals_on_every_rank(args.out, REFINED)
     else:
         critiques, refined = critiques_of(args), P.read_journals(args.out, REFINED)
     if launch is None or launch.rank == 0:

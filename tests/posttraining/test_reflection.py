@@ -1,7 +1,8 @@
 """The self-reflection data builder end to end on tiny random parts (debug model, X-Codec, a
 random Qwen2 critic), in the three invocations a cluster runs: the model's first pass (audio 1
-and its own caption), the critic alone, then audio 2 and the records; the records feed
-tools/preprocess_chat.py. An outside critic's JSONL, joined by id, takes the critic model's place.
+and its own caption; two data-parallel ranks), the critic alone, then audio 2 and the records
+(two ranks again); the records feed tools/preprocess_chat.py. An outside critic's JSONL, joined
+by id, takes the critic model's place.
 """
 
 import json
@@ -58,8 +59,11 @@ def _env():
     return dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
 
 
-def _run(*args):
-    proc = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=600, env=_env())
+def _run(*args, nproc=0):
+    """The tool in one process, or in ``nproc`` torchrun ranks."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc \
+        else [sys.executable]
+    proc = subprocess.run([*launcher, TOOL, *args], capture_output=True, text=True, timeout=600, env=_env())
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
 
@@ -71,7 +75,8 @@ def _lines(path):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
-    """The three invocations; returns the output folder and the inputs."""
+    """The three invocations, the model's with two data-parallel ranks (each decodes its groups of
+    two records; for audio 2 only the second has records); returns the output folder and the inputs."""
     from megatron_ualm.posttraining.recipes import write_tiny_critic
 
     root = tmp_path_factory.mktemp("reflection")
@@ -87,10 +92,10 @@ def built(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
     model = ["--random-init", "--flavor", "debug", "--tokenizer", tokenizer_path, "--codec", codec_dir,
              "--batch-size", "2", "--max-audio-seconds", "0.3", "--min-audio-seconds", "0.2", "--max-new-tokens", "6",
              "--text-temperature", "1.0", "--seed", "3"]
-    logs = [_run(*inputs, *model, "--write-wavs")]
+    logs = [_run(*inputs, *model, "--write-wavs", nproc=2)]
     critic = write_tiny_critic(str(root / "critic"))
     logs.append(_run(*inputs, "--critic-model", critic, "--critic-max-new-tokens", "6"))
-    logs.append(_run(*inputs, *model, "--write-wavs"))
+    logs.append(_run(*inputs, *model, "--write-wavs", nproc=2))
     return {"out": out, "rows": rows, "logs": logs, "inputs": inputs, "model": model, "critic": critic,
             "audio_dir": audio_dir}
 
@@ -100,7 +105,8 @@ def test_stages_write_what_the_next_reads(built):
     assert "4 record(s) for a critic" in logs[0] and "await a critique" in logs[0]
     assert "2 record(s) without target audio need audio 2 generated" in logs[1]
     assert "4 self-reflection records of 4" in logs[2]
-    first = {r["id"]: r for r in _lines(os.path.join(out, "first_pass.jsonl"))}
+    first = {r["id"]: r for name in ("first_pass.task-00000-of-00002.jsonl", "first_pass.task-00001-of-00002.jsonl")
+             for r in _lines(os.path.join(out, name))}
     requests = _lines(os.path.join(out, "critic_requests.jsonl"))
     assert [r["id"] for r in requests] == ["clip", "codes", "gen1", "gen2"]
     assert all(r["critique"] is None and r["caption_1"] == first[r["id"]]["caption_1"] for r in requests)
@@ -111,7 +117,7 @@ def test_stages_write_what_the_next_reads(built):
     assert rate == 16000 and len(wave) == first["clip"]["frames"] * 320
     critiques = {r["id"]: r for r in _lines(os.path.join(out, "critiques.jsonl"))}
     assert set(critiques) == {"clip", "codes", "gen1", "gen2"} and all(c["critique"] for c in critiques.values())
-    refined = {r["id"]: r for r in _lines(os.path.join(out, "refined.jsonl"))}
+    refined = {r["id"]: r for r in _lines(os.path.join(out, "refined.task-00001-of-00002.jsonl"))}
     assert set(refined) == {"gen1", "gen2"}  # the records without a target
 
     records = {r["id"]: r for r in _lines(os.path.join(out, "self_reflection.jsonl"))}

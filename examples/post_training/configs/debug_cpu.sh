@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Post-training recipes on CPU: the debug flavor, tiny random components, a few steps per stage
 # (a few minutes in all). Sourced by examples/post_training/common.sh. No paths here: the recipe
 # builds its inputs and starting checkpoint (BASE_CKPT unset). Sizes can be overridden from the
