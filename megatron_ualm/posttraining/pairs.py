@@ -465,8 +465,14 @@ def read_journals(out: str, stem: str) -> dict[int, dict]:
     return found
 
 
-def check_run(out: str, settings: dict, name: str = "run.json") -> None:
-    """Records the run's settings in ``<out>/<name>``, or refuses settings that differ from it."""
+def check_run(out: str, settings: dict, name: str = "run.json", started: bool = True) -> None:
+    """Records the run's settings in ``<out>/<name>``, or refuses settings that differ from it.
+
+    Args:
+        started: whether ``out`` holds finished work of these settings; without any, other
+            settings replace the recorded ones (a run refused before its first item, e.g. by a
+            wrong tokenizer, does not lock the folder).
+    """
     path = os.path.join(out, name)
     os.makedirs(out, exist_ok=True)
     settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
@@ -474,12 +480,13 @@ def check_run(out: str, settings: dict, name: str = "run.json") -> None:
     if os.path.isfile(path):
         with open(path) as f:
             blob = json.load(f)
-        if blob.get("key") != key:
+        if blob.get("key") != key and started:
             old = blob.get("settings", {})
             differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ValueError(f"--out {out} holds a run with other settings ({', '.join(differ)} differ; see {path}); "
                              "rerun with the same settings to resume, or write to a new --out")
-        return
+        if blob.get("key") == key:
+            return
     atomic_write(path, json.dumps({"key": key, "settings": settings}, indent=1, sort_keys=True))
 
 
@@ -938,7 +945,8 @@ def run(args) -> None:
 
     records = read_prompts(args.prompts, args.mode, args.audio_root)
     check_run(args.out, dict(mode=args.mode, num_candidates=args.num_candidates, audio_format=args.audio_format,
-                             scorers=args.scorers, prompts=records_digest(records), model=model_identity(args)))
+                             scorers=args.scorers, prompts=records_digest(records), model=model_identity(args)),
+              started=bool(read_journals(args.out, JOURNAL)))
     launch = start_launch(args)
     done = done_items(launch, args.out, JOURNAL)
     n = len(records)
@@ -959,12 +967,12 @@ def _decode(args, launch: Launch, records: Sequence[PromptRecord], done: set) ->
     from megatron_ualm.evaluation.runner import build_ualm
     from megatron_ualm.evaluation.scorers import load_scorer
 
-    ualm = build_ualm(args)  # every replica loads (checkpoint loading is collective)
     scorers = [load_scorer(spec, path, args.scorer_device or scorer_device()) for spec, path in args.scorers] \
-        if launch.writer else []
+        if launch.writer else []  # before the model: a wrong scorer fails fast
     if args.mode == "text" and any(not s.needs_text for s in scorers):
         raise fail(f"--mode text ranks replies by how well they match the prompt's audio; scorer(s) "
                    f"{', '.join(s.name for s in scorers if not s.needs_text)} do not read text")
+    ualm = build_ualm(args)  # every replica loads (checkpoint loading is collective)
     journal = Journal(journal_path(args.out, JOURNAL, launch.task))
     groups = task_groups(len(records), args.batch_size, launch.task, done)
     total = task_items(len(records), args.batch_size, launch.task)

@@ -451,12 +451,14 @@ def run(args) -> None:
     """Runs the stages the flags and the files allow, then assembles or says what is left."""
     plans = read_plans(args.input, args.audio_root)
     digest = hashlib.sha256(json.dumps([(r.id, r.rec) for r in plans], sort_keys=True).encode()).hexdigest()[:16]
-    P.check_run(args.out, {"inputs": digest})
+    made = {stem: P.read_journals(args.out, stem) for stem in (FIRST, CRITIQUES, REFINED)}
+    P.check_run(args.out, {"inputs": digest}, started=any(made.values()))
     launch = None
     if args.model:
         from megatron_ualm import api
 
-        P.check_run(args.out, {"model": P.model_identity(args), "write_wavs": args.write_wavs}, "model.json")
+        P.check_run(args.out, {"model": P.model_identity(args), "write_wavs": args.write_wavs}, "model.json",
+                    started=bool(made[FIRST] or made[REFINED]))
         launch = P.start_launch(args)
         model: list = []
 

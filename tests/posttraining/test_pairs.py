@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from megatron_ualm.evaluation.scorers import Scorer
 from megatron_ualm.posttraining import pairs as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -101,6 +102,15 @@ def test_journal_cuts_a_torn_line_and_reads_across_tasks(tmp_path):
         P.read_journals(str(tmp_path), "candidates")
 
 
+def test_run_settings_lock_the_folder_once_work_is_done(tmp_path):
+    out = str(tmp_path)
+    P.check_run(out, {"seed": 1, "scorers": [("clap", "/m")]})
+    P.check_run(out, {"seed": 1, "scorers": [["clap", "/m"]]})  # as stored
+    P.check_run(out, {"seed": 2}, started=False)  # nothing done yet (e.g. the first run failed to load its model)
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(seed differ"):
+        P.check_run(out, {"seed": 3})
+
+
 def test_prompt_records_cut_chat_and_reason_records(tmp_path, audio_dir):
     rich = {"keywords": ["rain"], "layout": "rain", "description": "rain on a roof"}
     lines = [
@@ -145,6 +155,18 @@ def test_bad_prompt_records_are_named(tmp_path, line, mode, message):
 NUM_PROMPTS = 6
 
 
+class RMSScorer(Scorer):
+    """A plug-in scorer (``tests.posttraining.test_pairs:RMSScorer=PATH``): each clip's RMS level."""
+
+    name = "rms"
+
+    def __init__(self, path, device=None):
+        assert os.path.exists(path)
+
+    def score(self, waves, sample_rate, texts=None):
+        return {"rms": np.array([float(np.sqrt(np.mean(np.square(w)))) for w in waves])}
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
     from megatron_ualm.evaluation import testing
@@ -159,13 +181,14 @@ def setup(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
     prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
     args = ["--prompts", str(prompts), "--audio-root", audio_dir, "--random-init", "--flavor", "debug",
             "--tokenizer", tokenizer_path, "--codec", codec_dir, "--scorer", f"clap={testing.write_tiny_clap(root / 'clap')}",
-            "--scorer", f"aesthetics={testing.write_tiny_aesthetics(root / 'aes')}", "--num-candidates", "3",
+            "--scorer", f"aesthetics={testing.write_tiny_aesthetics(root / 'aes')}",
+            "--scorer", f"tests.posttraining.test_pairs:RMSScorer={root}", "--num-candidates", "3",
             "--batch-size", "1", "--max-audio-seconds", "0.3", "--min-audio-seconds", "0.1", "--seed", "5"]
     return {"root": root, "args": args}
 
 
-def _env():
-    return dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+def _env():  # the plug-in scorer imports from the repository root
+    return dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
 def _run(cmd, timeout=600):
@@ -230,7 +253,7 @@ def test_manifests_hold_every_score_and_follow_the_rule(setup, reference):
     journal = P.read_journals(reference, P.JOURNAL)
     assert [p["id"] for p in pairs] == [f"p{i}" for i in range(NUM_PROMPTS - 1)] + ["reason"]
     stats = P.metric_stats([e.get("scores") for j in journal.values() for e in j["candidates"]])
-    assert set(stats) == {"clap", "aes", *P.AES_AXES}
+    assert set(stats) == {"clap", "aes", *P.AES_AXES, "rms"}
     by_id = {j["id"]: j for j in journal.values()}
     for p in pairs:
         entries = by_id[p["id"]]["candidates"]
@@ -249,6 +272,7 @@ def test_manifests_hold_every_score_and_follow_the_rule(setup, reference):
                                          {"role": "assistant", "codes": pairs[0]["chosen"]["codes"]}]
     summary = json.load(open(os.path.join(reference, "summary.json")))
     assert summary["pairs"] == NUM_PROMPTS and summary["metrics"]["aes_ce"]["weight"] == 0
+    assert summary["metrics"]["rms"]["weight"] == 1 and summary["metrics"]["rms"]["std"] > 0  # the plug-in counts
 
 
 def test_thresholds_rerun_the_rule_without_decoding(setup, reference, tmp_path):
