@@ -87,6 +87,13 @@ pairs() {
     --out "$3" --scorer clap="$CLAP" --scorer aesthetics="$AES" "${GEN_ARGS[@]}" "${PAIR_ARGS[@]}"
 }
 
+# dpo NAME CKPT PAIRS_DIR: DPO from CKPT into $W/NAME on PAIRS_DIR/pairs.jsonl (shards in $W/shards/NAME).
+dpo() {
+  shards "$1" preprocess_preferences "$3/pairs.jsonl"
+  blend "$W/$1_blend.json" "$W/shards/$1"
+  train megatron_ualm.dpo "$2" "$W/$1" "$W/$1_blend.json" "${DPO_ARGS[@]}"
+}
+
 # train MODULE CKPT OUT BLEND FLAGS...: a training entry point (megatron_ualm.finetune / .dpo) that
 # starts from CKPT and keeps its own run in OUT (--load and --save: a rerun resumes), on BLEND.
 train() {

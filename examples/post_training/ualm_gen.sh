@@ -34,9 +34,7 @@ blend "$W/adaptation_blend.json" "$W/shards/adaptation"
 train megatron_ualm.finetune "$BASE_CKPT" "$W/adapted" "$W/adaptation_blend.json" "${SFT_ARGS[@]}"
 
 step "3/3 DPO from the adapted model"
-shards pairs preprocess_preferences "$W/pairs/pairs.jsonl"
-blend "$W/pairs_blend.json" "$W/shards/pairs"
-train megatron_ualm.dpo "$W/adapted" "$W/dpo" "$W/pairs_blend.json" "${DPO_ARGS[@]}"
+dpo dpo "$W/adapted" "$W/pairs"
 
 echo
 echo "UALM-Gen post-training done: adapted $W/adapted, DPO $W/dpo (metrics: $W/dpo/metrics.jsonl)"

@@ -33,9 +33,7 @@ pairs_then_dpo() {
   step "pairs $n: candidates after the plan from $ckpt, ranked by CLAP against the plan and aesthetics"
   pairs "$ckpt" "$REASON_PROMPTS" "$W/pairs$n"
   step "DPO-$n from $ckpt"
-  shards "pairs$n" preprocess_preferences "$W/pairs$n/pairs.jsonl"
-  blend "$W/pairs${n}_blend.json" "$W/shards/pairs$n"
-  train megatron_ualm.dpo "$ckpt" "$W/dpo$n" "$W/pairs${n}_blend.json" "${DPO_ARGS[@]}"
+  dpo "dpo$n" "$ckpt" "$W/pairs$n"
 }
 
 step "SFT-1 on the UALM-Reason data (enrichment, dialogue)"

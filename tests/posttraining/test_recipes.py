@@ -74,7 +74,7 @@ def test_pairs_and_their_shards(recipe):
     assert summary["prompts"] == PROMPTS and summary["pairs"] == len(pairs) >= PROMPTS - 1
     assert all(len(p["candidates"]) == CANDIDATES and {"clap", "aes"} <= set(p["scores"]["chosen"]) for p in pairs)
     assert len(_lines(os.path.join(w, "pairs", "adaptation.jsonl"))) == len(pairs)
-    for shards, name in (("adaptation", "chat"), ("pairs", "preference")):
+    for shards, name in (("adaptation", "chat"), ("dpo", "preference")):
         task = json.load(open(os.path.join(w, "shards", shards, f"{name}.task-00000-of-00001.json")))
         assert task["counts"]["samples"] == len(pairs) and task["counts"]["rejected"] == 0, shards
         assert os.path.isfile(os.path.join(w, f"{shards}_blend.json"))
