@@ -15,5 +15,5 @@ rm -rf "$W"
   --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 4 \
   --log-interval 5 --eval-interval 20 --eval-iters 2 \
   --save "$W/ckpt" --save-interval 40 --tensorboard-dir "$W/tb" --loss-plot "$W/loss.png" 2>&1 \
-  | grep -E "^ \[UALM\]| iteration +[0-9]+/|validation loss|saved checkpoint|Error|error" | cut -c1-220
+  | grep -E "^ \[UALM\]| iteration +[0-9]+/|validation loss|saved checkpoint|^error|Error:|Traceback" | cut -c1-220
 echo "checkpoint: $W/ckpt (iteration $(cat "$W/ckpt/latest_checkpointed_iteration.txt")), loss plot: $W/loss.png"

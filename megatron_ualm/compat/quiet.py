@@ -55,6 +55,12 @@ def install() -> None:
     # The loop is given a model-provider function on purpose (UALMModel is not one of Megatron's
     # ModelConfig families); Megatron recommends otherwise in a multi-line warning on every rank.
     warnings.filterwarnings("ignore", message=r"\s*It is recommended to use a ModelConfig")
+    # torch.distributed.checkpoint, under Megatron's dist_checkpointing, warns on every load about
+    # its own API evolution (ShardedTensor, argument order, single-process loads); none of it is
+    # the user's to act on.
+    warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="The argument order of load has been changed")
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     # torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." at import on
     # machines without CUDA; nothing in this project compiles CUDA extensions.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
