@@ -13,7 +13,6 @@ built, so the tools check a ``--codec-path`` before loading anything heavy.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from abc import ABC, abstractmethod
@@ -24,6 +23,7 @@ import numpy as np
 
 from megatron_ualm.data.errors import RecordError
 from megatron_ualm.data.tokenizer import file_sha256
+from megatron_ualm.plugins import plugin_class
 
 
 class CodecLoadError(ValueError):
@@ -253,13 +253,10 @@ def load_codec(name: str, path: str, device: Optional[str] = None, num_codebooks
     if name in CODECS:
         cls = CODECS[name]
     elif ":" in name:
-        module, _, attr = name.partition(":")
         try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise CodecLoadError(f"--codec {name}: cannot import {attr} from {module} ({err})") from None
-        if not (isinstance(cls, type) and issubclass(cls, Codec)):
-            raise CodecLoadError(f"--codec {name} is not a megatron_ualm.data.codec.Codec subclass")
+            cls = plugin_class(name, "--codec", Codec)
+        except ValueError as err:
+            raise CodecLoadError(str(err)) from None
     else:
         raise CodecLoadError(f"unknown codec {name!r}; choose one of {sorted(CODECS)} or give package.module:ClassName")
     return cls(path, device=device, num_codebooks=num_codebooks)

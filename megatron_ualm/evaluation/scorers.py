@@ -15,12 +15,12 @@ Higher is better for every metric a scorer returns. Each scorer resamples its in
 from __future__ import annotations
 
 import abc
-import importlib
 from typing import Optional, Sequence
 
 import numpy as np
 
 from megatron_ualm.evaluation import metrics
+from megatron_ualm.plugins import plugin_class
 
 
 class Scorer(abc.ABC):
@@ -121,13 +121,7 @@ def load_scorer(spec: str, path: str, device: Optional[str] = None) -> Scorer:
     """
     if spec in SCORERS:
         return SCORERS[spec](path, device=device)
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
+    if ":" not in spec:
         raise ValueError(f"scorer {spec!r} is not one of {sorted(SCORERS)} nor package.module:ClassName")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"scorer {spec!r} cannot be imported: {err}") from None
-    if not (isinstance(cls, type) and issubclass(cls, Scorer)):
-        raise ValueError(f"scorer {spec!r} is not a subclass of megatron_ualm.evaluation.scorers.Scorer")
+    cls = plugin_class(spec, "scorer", Scorer)
     return cls(path, device=device)

@@ -8,7 +8,6 @@ data pipeline's ``LogMel`` so audio in at inference matches training features ex
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
@@ -18,6 +17,7 @@ import torch
 from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, AudioInConfig, LogMel
 from megatron_ualm.data.codec import Codec, load_codec
 from megatron_ualm.data.sequence import Message
+from megatron_ualm.plugins import plugin_class
 
 
 class CodecDecoder:
@@ -83,10 +83,7 @@ class Upsampler(Protocol):
 
 def load_upsampler(spec: str, path: Optional[str] = None, device: Optional[str] = None) -> Upsampler:
     """Builds an upsampler from ``package.module:ClassName``."""
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise ValueError(f"--upsampler {spec!r} must look like package.module:ClassName")
-    hook = getattr(importlib.import_module(module), attr)(path, device=device)
+    hook = plugin_class(spec, "--upsampler")(path, device=device)
     if not callable(hook):
         raise ValueError(f"--upsampler {spec} is not callable as hook(wave, sample_rate)")
     return hook

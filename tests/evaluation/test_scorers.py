@@ -65,7 +65,7 @@ def test_plugin_and_bad_specs(tmp_path):
     assert s.score(_waves(2), 16000)["constant"].tolist() == [3.0, 3.0]
     with pytest.raises(ValueError, match="package.module:ClassName"):
         load_scorer("nonsense", "x")
-    with pytest.raises(ValueError, match="cannot be imported"):
+    with pytest.raises(ValueError, match="cannot import Thing from no_such_module_xyz"):
         load_scorer("no_such_module_xyz:Thing", "x")
-    with pytest.raises(ValueError, match="not a subclass"):
+    with pytest.raises(ValueError, match="is not a megatron_ualm.evaluation.scorers.Scorer subclass"):
         load_scorer("numpy:ndarray", "x")
