@@ -1,7 +1,7 @@
 """examples/post_training/ualm_gen.sh end to end on CPU (debug flavor, tiny random parts): the
 starting checkpoint, preference pairs, the adaptation SFT on the winners, DPO; every stage's
 outputs are checked. (ualm_reason.sh runs the same tools and entry points in a longer chain;
-run it by hand: about 5 minutes on 2 cores.)
+run it by hand: about 4 minutes on 2 cores.)
 
 Sizes come from the environment (the config reads them), kept small so the run takes about two
 minutes on two cores.
