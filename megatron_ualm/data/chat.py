@@ -82,7 +82,7 @@ from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, AudioInConfig, load_a
 from megatron_ualm.data.codec import encode_audio_out
 from megatron_ualm.data.errors import RecordError
 from megatron_ualm.data.records import (ROLE_ALIASES, Converted, Converter, GenerationConverter,
-                                        UnderstandingConverter, _audio_source, format_rich_caption)
+                                        UnderstandingConverter, audio_source, format_rich_caption)
 from megatron_ualm.data.shards import Segment
 
 KINDS = ("chat", "enrichment", "dialogue", "self_reflection")
@@ -315,7 +315,7 @@ class ChatConverter(Converter):
         value, start, end = turn.audio, turn.start, turn.end
         if isinstance(value, dict):
             start, end = value.get("start", start), value.get("end", end)
-        source, field = _audio_source({turn.field: value}, (turn.field,), self.audio_root)
+        source, field = audio_source({turn.field: value}, (turn.field,), self.audio_root)
         return load_audio(source, sample_rate, start, end, field, self.audio_decoder)
 
     def segment(self, turn: Turn) -> Segment:

@@ -98,7 +98,7 @@ def parse_turns(rec: dict) -> list[tuple[str, str, str]]:
     return out
 
 
-def _audio_source(rec: dict, keys: Sequence[str], root: str) -> tuple[Any, str]:
+def audio_source(rec: dict, keys: Sequence[str], root: str) -> tuple[Any, str]:
     """The clip's path (resolved against ``root``) or bytes, and the field it came from."""
     for key in keys:
         if key in rec and rec[key] is not None:
@@ -243,7 +243,7 @@ class GenerationConverter(Converter):
             return segments
         if self.codec is None:
             raise RecordError("has no precomputed 'codes' and no --codec was given to encode 'audio'", "codes")
-        source, field = _audio_source(rec, ("audio",), self.audio_root)
+        source, field = audio_source(rec, ("audio",), self.audio_root)
         wave = load_audio(source, self.codec.sample_rate, rec.get("start"), rec.get("end"), field, self.audio_decoder)
         if self.codec.num_frames(wave.shape[0]) < 1:
             raise RecordError(f"clip of {wave.shape[0] / self.codec.sample_rate:.3f} s is too short for one codec frame",
@@ -302,7 +302,7 @@ class UnderstandingConverter(Converter):
             if not users:
                 raise RecordError("has no user turn to attach the audio to", turns[0][2])
             at = users[0]
-        source, field = _audio_source(rec, ("audio", "sound"), self.audio_root)
+        source, field = audio_source(rec, ("audio", "sound"), self.audio_root)
         wave = load_audio(source, AUDIO_IN_SAMPLE_RATE, rec.get("start"), rec.get("end"), field, self.audio_decoder)
         segments = []
         for i, (role, content, where) in enumerate(turns):

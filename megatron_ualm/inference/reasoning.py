@@ -128,8 +128,8 @@ class ReasoningResult:
     rounds: list = field(default_factory=list)
 
 
-def _text_params(params: GenerationParams) -> GenerationParams:
-    # Text steps end at the end of their message and write no audio.
+def text_params(params: GenerationParams) -> GenerationParams:
+    """The settings of a text-only step: it ends at the end of its message and writes no audio."""
     return dataclasses.replace(params, stop_at_eot=True, max_audio_segments=0)
 
 
@@ -140,7 +140,7 @@ def _audio_of(reply: Reply):
 def _caption_then_audio(ualm: UALM, conversation: list, params: GenerationParams, transcript: Transcript,
                         tag: str = "") -> tuple[str, Reply]:
     """Text caption (forced text reply), then the audio conditioned on it (CFG)."""
-    caption = ualm.respond([conversation], _text_params(params), modality="text")[0].text
+    caption = ualm.respond([conversation], text_params(params), modality="text")[0].text
     transcript.add(f"caption{tag}", "assistant", text=caption, parts=split_rich_caption(caption))
     conversation.append(Turn("assistant", text=caption))
     reply = ualm.respond([conversation], params, modality="audio")[0]
@@ -240,11 +240,11 @@ def self_reflection(ualm: UALM, prompt: str, out_dir: str, rounds: int = 1,
     for r in range(1, rounds + 1):
         heard = ualm.respond(
             [[Turn("user", audio=wave, sample_rate=reply.sample_rate), Turn("user", text=prompts.listen)]],
-            _text_params(params), modality="text",
+            text_params(params), modality="text",
         )[0].text
         transcript.add(f"listen_{r}", "assistant", text=heard)
         conversation.append(Turn("user", text=prompts.critique.format(caption=heard)))
-        critique = ualm.respond([conversation], _text_params(params), modality="text")[0].text
+        critique = ualm.respond([conversation], text_params(params), modality="text")[0].text
         transcript.add(f"critique_{r}", "assistant", text=critique)
         conversation.append(Turn("assistant", text=critique))
         reply = ualm.respond([conversation], params, modality="audio")[0]

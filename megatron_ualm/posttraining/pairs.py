@@ -704,13 +704,13 @@ class Candidate:
 def generate_candidates(ualm, conversations: Sequence[list], n: int, mode: str, params) -> list[list[Candidate]]:
     """``n`` candidates per conversation, decoded as one batch (CFG on audio)."""
     from megatron_ualm.inference import Turn
-    from megatron_ualm.inference.reasoning import _text_params
+    from megatron_ualm.inference.reasoning import text_params
 
     rows = [list(c) for c in conversations for _ in range(n)]
     audio_params = dataclasses.replace(params, stop_at_eot=True)  # the reply ends with its audio message
     cands = [Candidate() for _ in rows]
     if mode in ("text", "plan"):
-        for cand, reply in zip(cands, ualm.respond(rows, _text_params(params), modality="text")):
+        for cand, reply in zip(cands, ualm.respond(rows, text_params(params), modality="text")):
             cand.text = reply.text.strip()
             if not cand.text:
                 cand.invalid = "empty text"

@@ -111,7 +111,7 @@ def read_plans(paths: Sequence[str], audio_root: Optional[str] = None) -> list[P
         ValueError: a bad record, naming ``file:line`` and the field.
     """
     from megatron_ualm.data.errors import RecordError
-    from megatron_ualm.data.records import _audio_source
+    from megatron_ualm.data.records import audio_source
 
     def parse(raw: dict, root: str) -> tuple:
         rec = {k: raw[k] for k in ("prompt", "rich_caption", "system", "critique_prompt", "codes", "start", "end")
@@ -120,7 +120,7 @@ def read_plans(paths: Sequence[str], audio_root: Optional[str] = None) -> list[P
         if rec.get("codes") is not None:
             P.check_codes(rec["codes"], "codes")
         elif raw.get("audio") is not None:
-            source, _ = _audio_source(raw, ("audio",), root)
+            source, _ = audio_source(raw, ("audio",), root)
             if not isinstance(source, str) or not os.path.isfile(source):
                 raise RecordError(f"audio file {source} does not exist (relative paths resolve against --audio-root, "
                                   "default the input file's folder)", "audio")
@@ -208,7 +208,7 @@ def first_pass(args, launch, ualm, plans: Sequence[PlanRecord], done: set) -> No
     import dataclasses
 
     from megatron_ualm.inference import Turn
-    from megatron_ualm.inference.reasoning import ReasoningPrompts, _text_params
+    from megatron_ualm.inference.reasoning import ReasoningPrompts, text_params
 
     listen = ReasoningPrompts().listen
     model = ualm()  # on every rank, also a replica without groups: loading a checkpoint is collective
@@ -224,7 +224,7 @@ def first_pass(args, launch, ualm, plans: Sequence[PlanRecord], done: set) -> No
             replies = model.respond(conversations, dataclasses.replace(params, stop_at_eot=True), modality="audio")
             heard = [j for j, r in enumerate(replies) if r.codes and r.codes[-1].shape[1] > 0]
             captions = model.respond([[Turn("user", audio=replies[j].waves[-1], sample_rate=replies[j].sample_rate),
-                                        Turn("user", text=listen)] for j in heard], _text_params(params), "text") \
+                                        Turn("user", text=listen)] for j in heard], text_params(params), "text") \
                 if heard else []
             caption_of = {j: c.text.strip() for j, c in zip(heard, captions)}
             if launch.writer:
