@@ -63,10 +63,22 @@ def escape_percent_in_docstring_help() -> None:
     ArgumentGroupFactory._build_argparse_kwargs_from_field = build
 
 
-def _ignore_sigterm() -> None:
+def _writer_manager_init(parent: int) -> None:
+    """Runs in Megatron's checkpoint-writer manager: SIGTERM is the training rank's to handle, and
+    the manager ends when that rank is gone (a SIGKILLed rank would otherwise leave it behind)."""
+    import os
     import signal
+    import threading
+    import time
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def follow_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(0)
+
+    threading.Thread(target=follow_parent, name="ualm-follow-parent", daemon=True).start()
 
 
 def checkpoint_writer_survives_sigterm() -> None:
@@ -75,7 +87,9 @@ def checkpoint_writer_survives_sigterm() -> None:
     limit) sends SIGTERM to every process of the job, that manager included: it dies, and the
     very save ``--exit-signal-handler`` is there to make fails with ``EOFError`` (the run then
     also hangs at exit). The manager is started here with SIGTERM ignored; it still stops when
-    the run ends (the manager's finalizer sends it a shutdown message, then SIGKILL if needed)."""
+    the run ends (the manager's finalizer sends it a shutdown message, then SIGKILL if needed),
+    and by itself when the rank is killed (it watches its parent)."""
+    import os
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fs
@@ -87,7 +101,7 @@ def checkpoint_writer_survives_sigterm() -> None:
     def get_write_results_queue(mp_mode: str = "spawn"):
         if fs._results_queue is None:
             manager = SyncManager(ctx=fs.mp.get_context(mp_mode))
-            manager.start(initializer=_ignore_sigterm)
+            manager.start(initializer=_writer_manager_init, initargs=(os.getpid(),))
             get_write_results_queue.manager = manager  # keeps the manager (and its process) alive
             fs._results_queue = manager.Queue()
         return fs._results_queue

@@ -113,6 +113,28 @@ def test_resume_at_other_parallelism_matches(reference, tmp_path, parallel):
         assert got[it]["lm loss"] == pytest.approx(ref[it]["lm loss"], rel=1e-5)
 
 
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def test_sigkill_during_save_resumes_from_previous_checkpoint(reference, tmp_path):
     save = str(tmp_path / "ckpt")
     marker = str(tmp_path / "saving")
@@ -125,9 +147,15 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(reference, tmp_pat
         assert time.time() < deadline, "the run never reached the iteration-6 save"
         time.sleep(0.5)
     worker = int(open(marker).read())
+    helpers = _children(worker)  # Megatron's checkpoint-writer manager, data workers
+    assert helpers
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher
-    os.killpg(os.getpgid(worker), signal.SIGKILL)  # the training process and its helpers
+    os.kill(worker, signal.SIGKILL)  # the training process alone: its helpers must follow it
     proc.wait(timeout=60)
+    deadline = time.time() + 30
+    while any(_alive(p) for p in helpers) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in helpers if _alive(p)], "helper processes outlived the killed training process"
     with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
         assert f.read().strip() == "3"
     # The interrupted save is only visible as a .partial directory, never as iter_0000006.
