@@ -1,4 +1,5 @@
-"""Shared test set-up: CPU shims before anything touches Megatron, one parallel state."""
+"""Shared test set-up: CPU shims before anything touches Megatron, one parallel state, and the
+scheduling that ``pytest -n N --dist loadfile`` (scripts/run_tests.sh) runs the suite under."""
 
 import os
 
@@ -18,3 +19,44 @@ def parallel_world_of_one():
 
     api.initialize_parallel(seed=1234, timeout_minutes=2)
     yield
+
+
+SLURM_TESTS = "tests/slurm/"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``--dist loadfile``: one test file per worker at a time (a file's module-scoped
+    fixtures, such as a reference run or a whole recipe, are built once), and the Slurm files as
+    one unit: one cluster, whose jobs do not compete with each other for the node. (xdist's own
+    ``loadgroup`` marks are not used: with pytest 9.2 xdist 3.8 cannot rename the node ids.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "slurm" if nodeid.startswith(SLURM_TESTS) else super()._split_scope(nodeid)
+
+    return FileScheduling(config, log)
+
+
+# The Slurm tests' time against their CI budget, summed here (in the process that reports, which
+# under xdist is the controller: it sees every test's report but not tests/slurm's conftest).
+_SLURM_TIMES = {"tests": 0.0, "start": None}
+
+
+def pytest_runtest_logreport(report):
+    if report.nodeid.startswith(SLURM_TESTS):
+        _SLURM_TIMES["tests"] += report.duration
+        for name, value in report.user_properties:
+            if name == "slurm_cluster_start_s":
+                _SLURM_TIMES["start"] = value
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SLURM_TIMES["tests"]:
+        start = _SLURM_TIMES["start"]
+        start = f", cluster start {start:.1f} s" if start is not None else ""
+        terminalreporter.write_line(f"Slurm tests ({SLURM_TESTS}): {_SLURM_TIMES['tests']:.0f} s in all{start} "
+                                    "(CI budget: 300 s)")
