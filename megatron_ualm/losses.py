@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+import math
+from typing import Dict, Mapping, Tuple
 
 import torch
 
@@ -54,3 +55,18 @@ def ualm_loss(
     for k in range(code_sums.numel()):
         report[f"codebook_{k} loss"] = entry(code_sums[k], code_counts[k])
     return loss, num_tokens, report
+
+
+def drop_empty_codebook_losses(losses: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Drops the ``codebook_{k} loss`` entries that averaged no cell (``0 / 0``).
+
+    A validation split without generation rows (a small shard, a text-only blend) has no codebook
+    cells: Megatron divides the summed ``[sum, count]`` entries and prints ``nan``. Such an entry
+    is recognised by a NaN next to a finite ``lm loss`` (which sums the codebook cells too, so a
+    real NaN in a codebook would make it NaN as well) and left out of the report.
+    """
+    total = losses.get("lm loss")
+    if total is None or not math.isfinite(float(total)):
+        return dict(losses)
+    return {k: v for k, v in losses.items()
+            if not (k.startswith("codebook_") and k.endswith(" loss") and math.isnan(float(v)))}

@@ -295,6 +295,25 @@ def _install_ualm_logging() -> None:
     mtraining.training_log = training_log
 
 
+def _install_validation_filter() -> None:
+    """Wraps Megatron's evaluate: a validation set without codebook cells reports no codebook
+    losses rather than ``nan`` (``losses.drop_empty_codebook_losses``)."""
+    from megatron.training import training as mtraining
+
+    from megatron_ualm.losses import drop_empty_codebook_losses
+
+    original = getattr(mtraining.evaluate, "_ualm_original", mtraining.evaluate)
+
+    def evaluate(*args, **kwargs):
+        total_loss_dict, collected, timelimit = original(*args, **kwargs)
+        if total_loss_dict:
+            total_loss_dict = drop_empty_codebook_losses(total_loss_dict)
+        return total_loss_dict, collected, timelimit
+
+    evaluate._ualm_original = original
+    mtraining.evaluate = evaluate
+
+
 def append_metrics(save_dir: str, row: dict) -> None:
     """Appends one row to ``<save>/metrics.jsonl`` (the last rank writes; one run per directory)."""
     os.makedirs(save_dir, exist_ok=True)
@@ -370,6 +389,7 @@ def run(entry: TrainingEntry, argv: Optional[Sequence[str]] = None) -> None:
                                 codec=(loaded or {}).get("codec"), trained_by=f"megatron_ualm.{entry.name}"))
     cfg = pretrain_cfg_container_from_args(args)
     _install_ualm_logging()
+    _install_validation_filter()
     during_training.install(args)
     make_checkpoints_atomic()
     try:

@@ -1,0 +1,43 @@
+"""Validation without codebook cells (a split with no generation rows) reports no codebook losses
+instead of Megatron's ``0 / 0 = nan``; a real NaN is never hidden."""
+
+import math
+
+import torch
+
+from megatron_ualm.losses import drop_empty_codebook_losses
+
+
+def _megatron_division(entries):
+    """What Megatron's evaluate does with the summed ``[sum, count]`` report entries."""
+    return {k: torch.tensor(s) / torch.tensor(c) for k, (s, c) in entries.items()}
+
+
+def test_codebooks_without_cells_are_left_out():
+    losses = _megatron_division({"lm loss": (12.0, 4.0), "text loss": (12.0, 4.0),
+                                 "codebook_0 loss": (0.0, 0.0), "codebook_1 loss": (0.0, 0.0)})
+    assert math.isnan(float(losses["codebook_0 loss"]))
+    assert sorted(drop_empty_codebook_losses(losses)) == ["lm loss", "text loss"]
+
+
+def test_codebooks_with_cells_and_real_nans_are_kept():
+    losses = _megatron_division({"lm loss": (20.0, 8.0), "text loss": (12.0, 4.0), "codebook_0 loss": (8.0, 4.0)})
+    assert drop_empty_codebook_losses(losses) == losses
+    diverged = {"lm loss": torch.tensor(float("nan")), "codebook_0 loss": torch.tensor(float("nan"))}
+    assert sorted(drop_empty_codebook_losses(diverged)) == ["codebook_0 loss", "lm loss"]
+
+
+def test_the_training_loop_filters_megatron_evaluate(monkeypatch):
+    from megatron.training import training as mtraining
+
+    from megatron_ualm.training import loop
+
+    returned = _megatron_division({"lm loss": (3.0, 1.0), "codebook_3 loss": (0.0, 0.0)})
+    monkeypatch.setattr(mtraining, "evaluate", lambda *a, **k: (dict(returned), None, False))
+    loop._install_validation_filter()
+    loop._install_validation_filter()  # installing twice wraps once
+    assert list(mtraining.evaluate()[0]) == ["lm loss"]
+    assert mtraining.evaluate._ualm_original(None)[0].keys() == returned.keys()
+    monkeypatch.setattr(mtraining, "evaluate", lambda *a, **k: (None, None, True))  # time limit hit
+    loop._install_validation_filter()
+    assert mtraining.evaluate() == (None, None, True)
