@@ -24,50 +24,22 @@ def parallel_world_of_one():
 SLURM_TESTS = "tests/slurm/"
 
 
-# The files that take longest (seconds of one worker on 2 cores, measured 2026-12-02), started
-# first so that no long file is left to run alone at the end; the others follow in collection
-# order. Only the order of the run depends on this list, never what runs.
-SLOWEST_FIRST = (
-    "tests/training/test_pretrain.py",  # 374
-    "tests/models/test_parallel.py",  # 235
-    "tests/posttraining/test_training.py",  # 170
-    SLURM_TESTS,  # 175 (one unit)
-    "tests/posttraining/test_recipes.py",  # 135
-    "tests/posttraining/test_dpo_parallel.py",  # 108
-    "tests/conversion/test_conversion.py",  # 74
-    "tests/training/test_run_checks.py",  # 73
-    "tests/inference/test_model_parallel.py",  # 61
-    "tests/posttraining/test_reflection.py",  # 60
-    "tests/evaluation/test_generation.py",  # 58
-    "tests/evaluation/test_during_training.py",  # 53
-    "tests/posttraining/test_pairs.py",  # 50
-)
-
-
 def _unit(nodeid: str) -> str:
     """The scheduling unit of a test: its file, or tests/slurm/ as a whole."""
     path = nodeid.split("::", 1)[0]
     return SLURM_TESTS if path.startswith(SLURM_TESTS) else path
 
 
-def pytest_collection_modifyitems(items):
-    """Slowest files first (a stable sort: a file's tests keep their order and stay together)."""
-    rank = {unit: i for i, unit in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(rank)))
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """Under ``--dist loadfile``: one unit (a test file, or tests/slurm/ as a whole) per worker at
-    a time, handed out in collection order (``SLOWEST_FIRST``, not xdist's most-tests-first). A
-    file's module-scoped fixtures, such as a reference run or a whole recipe, are built once; the
-    Slurm tests share one cluster and their jobs do not compete with each other for the node.
-    (xdist's ``loadgroup`` marks cannot be used: with pytest 9.2, xdist 3.8 cannot rename node ids.)"""
+    a time. A file's module-scoped fixtures, such as a reference run or a whole recipe, are built
+    once; the Slurm tests share one cluster and their jobs do not compete with each other for the
+    node. (xdist's ``loadgroup`` marks cannot do this: with pytest 9.2, xdist 3.8 cannot rename
+    node ids.)"""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
-
-    config.option.loadscopereorder = False
 
     class FileScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
