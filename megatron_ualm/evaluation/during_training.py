@@ -229,23 +229,27 @@ def install(args) -> Optional[AudioEvalHook]:
         return None
     from megatron.training import training as mtraining
 
+    from megatron_ualm.compat import megatron_fixes
+
     hook = AudioEvalHook(args)
-    get_model = getattr(mtraining.get_model, "_ualm_eval_original", mtraining.get_model)
-    training_log = getattr(mtraining.training_log, "_ualm_eval_original", mtraining.training_log)
 
-    def get_model_and_keep(*a, **kw):
-        model = get_model(*a, **kw)
-        if hook.model is None:  # the training model (the loop builds it first)
-            hook.model = model
-        return model
+    def keep_model(get_model):
+        def get_model_and_keep(*a, **kw):
+            model = get_model(*a, **kw)
+            if hook.model is None:  # the training model (the loop builds it first)
+                hook.model = model
+            return model
 
-    def training_log_then_eval(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs):
-        if hook.due(iteration):
-            hook(iteration)
-        return training_log(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs)
+        return get_model_and_keep
 
-    get_model_and_keep._ualm_eval_original = get_model
-    training_log_then_eval._ualm_eval_original = training_log
-    mtraining.get_model = get_model_and_keep
-    mtraining.training_log = training_log_then_eval
+    def eval_then_log(training_log):
+        def training_log_then_eval(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs):
+            if hook.due(iteration):
+                hook(iteration)
+            return training_log(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs)
+
+        return training_log_then_eval
+
+    megatron_fixes.wrap_once(mtraining, "get_model", keep_model)
+    megatron_fixes.wrap_once(mtraining, "training_log", eval_then_log, stack=True)  # over the UALM log line
     return hook

@@ -272,22 +272,24 @@ def install(source: ReferenceSource) -> None:
     ``source``, and handed on."""
     from megatron.training import training as mtraining
 
-    original = getattr(mtraining.get_forward_backward_func, "_ualm_original", mtraining.get_forward_backward_func)
+    from megatron_ualm.compat import megatron_fixes
 
-    def get_forward_backward_func(*args, **kwargs):
-        schedule = original(*args, **kwargs)
+    def make(original):
+        def get_forward_backward_func(*args, **kwargs):
+            schedule = original(*args, **kwargs)
 
-        def with_reference(**call):
-            iterators = call["data_iterator"]
-            chunks = iterators if isinstance(iterators, list) else [iterators]
-            n = call["num_microbatches"]
-            batches = [[next(it) for _ in range(n)] for it in chunks]
-            source.attach(batches, call["model"], call["seq_length"], call["micro_batch_size"])
-            fresh = [iter(b) for b in batches]
-            call["data_iterator"] = fresh if isinstance(iterators, list) else fresh[0]
-            return schedule(**call)
+            def with_reference(**call):
+                iterators = call["data_iterator"]
+                chunks = iterators if isinstance(iterators, list) else [iterators]
+                n = call["num_microbatches"]
+                batches = [[next(it) for _ in range(n)] for it in chunks]
+                source.attach(batches, call["model"], call["seq_length"], call["micro_batch_size"])
+                fresh = [iter(b) for b in batches]
+                call["data_iterator"] = fresh if isinstance(iterators, list) else fresh[0]
+                return schedule(**call)
 
-        return with_reference
+            return with_reference
 
-    get_forward_backward_func._ualm_original = original
-    mtraining.get_forward_backward_func = get_forward_backward_func
+        return get_forward_backward_func
+
+    megatron_fixes.wrap_once(mtraining, "get_forward_backward_func", make)

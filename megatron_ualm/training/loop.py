@@ -247,18 +247,15 @@ def _install_record(record: dict) -> None:
 
     from megatron_ualm.model_record import RECORD_KEY
 
-    original = checkpointing.generate_state_dict
-    if getattr(original, "_ualm_record", None) is not None:
-        original = original._ualm_original
+    def make(original):
+        def generate_state_dict(*args, **kwargs):
+            state_dict = original(*args, **kwargs)
+            state_dict[RECORD_KEY] = record
+            return state_dict
 
-    def generate_state_dict(*args, **kwargs):
-        state_dict = original(*args, **kwargs)
-        state_dict[RECORD_KEY] = record
-        return state_dict
+        return generate_state_dict
 
-    generate_state_dict._ualm_record = record
-    generate_state_dict._ualm_original = original
-    checkpointing.generate_state_dict = generate_state_dict
+    megatron_fixes.wrap_once(checkpointing, "generate_state_dict", make)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,29 +267,29 @@ def _install_ualm_logging() -> None:
     from megatron.training import training as mtraining
     from megatron.training.utils import print_rank_last
 
-    original = getattr(mtraining.training_log, "_ualm_original", mtraining.training_log)
+    def make(original):
+        def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs):
+            result = original(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs)
+            args = get_args()
+            if iteration % args.log_interval == 0:
+                metrics = throughput().report()  # a collective over the data-parallel group
+                losses = {k: float(v) for k, v in loss_dict.items()}
+                line = " | ".join(f"{k}: {v:.4g}" if "per" in k else f"{k}: {v}" for k, v in metrics.items())
+                print_rank_last(f" [UALM] iteration {iteration:8d} | {line}")
+                for writer in (get_tensorboard_writer(),):
+                    if writer is not None:
+                        for k, v in metrics.items():
+                            writer.add_scalar(f"ualm/{k}", v, iteration)
+                wandb = get_wandb_writer()
+                if wandb is not None:
+                    wandb.log({f"ualm/{k}": v for k, v in metrics.items()}, iteration)
+                if args.save and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+                    append_metrics(args.save, {"iteration": iteration, "lr": learning_rate, **losses, **metrics})
+            return result
 
-    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs):
-        result = original(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs)
-        args = get_args()
-        if iteration % args.log_interval == 0:
-            metrics = throughput().report()  # a collective over the data-parallel group
-            losses = {k: float(v) for k, v in loss_dict.items()}
-            line = " | ".join(f"{k}: {v:.4g}" if "per" in k else f"{k}: {v}" for k, v in metrics.items())
-            print_rank_last(f" [UALM] iteration {iteration:8d} | {line}")
-            for writer in (get_tensorboard_writer(),):
-                if writer is not None:
-                    for k, v in metrics.items():
-                        writer.add_scalar(f"ualm/{k}", v, iteration)
-            wandb = get_wandb_writer()
-            if wandb is not None:
-                wandb.log({f"ualm/{k}": v for k, v in metrics.items()}, iteration)
-            if args.save and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
-                append_metrics(args.save, {"iteration": iteration, "lr": learning_rate, **losses, **metrics})
-        return result
+        return training_log
 
-    training_log._ualm_original = original
-    mtraining.training_log = training_log
+    megatron_fixes.wrap_once(mtraining, "training_log", make)
 
 
 def _install_validation_filter() -> None:
@@ -302,16 +299,16 @@ def _install_validation_filter() -> None:
 
     from megatron_ualm.losses import drop_empty_codebook_losses
 
-    original = getattr(mtraining.evaluate, "_ualm_original", mtraining.evaluate)
+    def make(original):
+        def evaluate(*args, **kwargs):
+            total_loss_dict, collected, timelimit = original(*args, **kwargs)
+            if total_loss_dict:
+                total_loss_dict = drop_empty_codebook_losses(total_loss_dict)
+            return total_loss_dict, collected, timelimit
 
-    def evaluate(*args, **kwargs):
-        total_loss_dict, collected, timelimit = original(*args, **kwargs)
-        if total_loss_dict:
-            total_loss_dict = drop_empty_codebook_losses(total_loss_dict)
-        return total_loss_dict, collected, timelimit
+        return evaluate
 
-    evaluate._ualm_original = original
-    mtraining.evaluate = evaluate
+    megatron_fixes.wrap_once(mtraining, "evaluate", make)
 
 
 def append_metrics(save_dir: str, row: dict) -> None:
