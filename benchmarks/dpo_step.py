@@ -82,8 +82,8 @@ def main() -> None:
 
     from megatron_ualm import api
     from megatron_ualm.config import make_config
-    from megatron_ualm.posttraining.dpo import DPOConfig, dpo_forward_step, score_batches
-    from megatron_ualm.posttraining.synthetic import synthetic_pair_batch
+    from megatron_ualm.posttraining.dpo_loss import DPOConfig, dpo_forward_step, score_batches
+    from megatron_ualm.synthetic import synthetic_pair_batch
 
     api.initialize_parallel()
     overrides = dict(use_cpu_initialization=not torch.cuda.is_available(), bf16=args.bf16)

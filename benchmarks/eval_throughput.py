@@ -27,17 +27,18 @@ def _write_full(name: str, root: str) -> str:
     """A full-size random checkpoint of one backbone, in the layout its loader reads."""
     import torch
 
-    from megatron_ualm.evaluation import backbones, testing
+    from megatron_ualm.evaluation import backbones
+    from megatron_ualm.tiny import backbones as tiny_backbones
 
     path = os.path.join(root, name)
     os.makedirs(path, exist_ok=True)
     torch.manual_seed(0)
     if name == "openl3":
-        return testing.write_tiny_openl3(path)  # OpenL3 has one size
+        return tiny_backbones.write_tiny_openl3(path)  # OpenL3 has one size
     if name == "panns":
-        return testing.write_tiny_panns(path)  # Cnn14 has one size
+        return tiny_backbones.write_tiny_panns(path)  # Cnn14 has one size
     if name == "passt":
-        return testing.write_tiny_passt(path, embed_dim=768, depth=12, num_heads=12)  # passt_s_swa_p16_128_ap476
+        return tiny_backbones.write_tiny_passt(path, embed_dim=768, depth=12, num_heads=12)  # passt_s_swa_p16_128_ap476
     if name == "aesthetics":
         from audiobox_aesthetics.model import aes
 
@@ -51,7 +52,7 @@ def _write_full(name: str, root: str) -> str:
     if name == "clap":
         from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
 
-        tiny = testing.write_tiny_clap(os.path.join(root, "clap_tok"))  # only its tokenizer is reused
+        tiny = tiny_backbones.write_tiny_clap(os.path.join(root, "clap_tok"))  # only its tokenizer is reused
         config = ClapConfig()  # laion/clap-htsat-* shapes: HTSAT audio tower, RoBERTa-base text tower
         config.audio_config.enable_fusion = True
         ClapModel(config).save_pretrained(path)

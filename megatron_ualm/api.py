@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, Optional, Tuple, Union
@@ -28,14 +27,9 @@ from megatron.core.utils import get_attr_wrapped_model
 from megatron_ualm.compat import cpu as cpu_compat
 from megatron_ualm.config import UALMConfig, make_config
 from megatron_ualm.data.batch import UALMBatch
+from megatron_ualm.launch import free_port
 from megatron_ualm.losses import ualm_loss
 from megatron_ualm.models.ualm_model import UALMModel
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def initialize_parallel(
@@ -66,7 +60,7 @@ def initialize_parallel(
         # Without a launcher, a world of one on a free port; the environment is left alone so
         # that subprocesses (and later launchers) do not inherit a port this process holds.
         standalone = {} if "RANK" in os.environ else dict(
-            init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+            init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
         )
         torch.distributed.init_process_group(
             backend=cpu_compat.default_backend(),

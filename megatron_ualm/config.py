@@ -269,3 +269,37 @@ def make_config(flavor: str, **overrides: Any) -> UALMConfig:
         # Stages exchange activations in the parameters' dtype unless told otherwise.
         kwargs["pipeline_dtype"] = kwargs.get("params_dtype", torch.float32)
     return UALMConfig(**kwargs)
+
+
+def config_from_megatron_args(args: Any) -> UALMConfig:
+    """The model config of a run: Megatron's translation of its parsed flags plus the flavor's
+    audio fields and UALM's own flags (``--text-loss-weight``, ``--no-audio-encoder``, ...).
+
+    Called once, at the entry point (and for checkpoints whose stored ``args`` are all they
+    have); model, data and loss code receive the typed config, never ``get_args()``.
+
+    Args:
+        args: a namespace parsed by Megatron's parser with UALM's flags added.
+    """
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    base = core_transformer_config_from_args(args)
+    overrides = {f.name: getattr(base, f.name) for f in dataclasses.fields(TransformerConfig) if f.init}
+    flavor = FLAVORS[args.flavor]
+    overrides.update(
+        text_vocab_size=flavor["text_vocab_size"],
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        rotary_base=float(args.rotary_base),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        text_loss_weight=args.text_loss_weight,
+        codebook_loss_weights=tuple(args.codebook_loss_weights) if args.codebook_loss_weights else None,
+        cfg_condition_dropout=args.cfg_condition_dropout,
+    )
+    if args.no_audio_encoder:
+        overrides["audio_encoder_type"] = None
+    elif args.audio_encoder_type:
+        overrides["audio_encoder_type"] = args.audio_encoder_type
+    if args.audio_encoder_path:
+        overrides["audio_encoder_path"] = args.audio_encoder_path
+    return make_config(args.flavor, **overrides)

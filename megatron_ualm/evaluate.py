@@ -61,7 +61,7 @@ def _add_backbones(p: argparse.ArgumentParser, names=tuple(BACKBONE_FLAGS)) -> N
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
-    from megatron_ualm.evaluation.runner import add_model_args
+    from megatron_ualm.inference.checkpoint import add_model_args
 
     p = argparse.ArgumentParser(prog="python -m megatron_ualm.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,7 +113,7 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
 
 
 def _check(p: argparse.ArgumentParser, args) -> None:
-    from megatron_ualm.evaluation.runner import check_model_args
+    from megatron_ualm.inference.checkpoint import check_model_args
 
     if args.task in ("reference", "generation"):
         if not any(getattr(args, f"{n}_path", None) for n in BACKBONE_FLAGS):
@@ -148,7 +148,7 @@ def _log(msg: str) -> None:
 
 
 def _backbones(args, names=tuple(BACKBONE_FLAGS)):
-    from megatron_ualm.evaluation.generation import FeatureCache, load_backbones
+    from megatron_ualm.evaluation.tta import FeatureCache, load_backbones
 
     paths = {n: getattr(args, f"{n}_path", None) for n in names}
     models = load_backbones(paths, device=args.device, openl3={"hop_seconds": args.openl3_hop})
@@ -156,7 +156,7 @@ def _backbones(args, names=tuple(BACKBONE_FLAGS)):
 
 
 def run_reference(args) -> None:
-    from megatron_ualm.evaluation.generation import compute_reference, list_clips
+    from megatron_ualm.evaluation.tta import compute_reference, list_clips
 
     models, cache = _backbones(args, ("openl3", "passt", "panns", "clap"))
     stats = compute_reference(list_clips(args.audio_dir), models, cache, args.fd_backbones, source=os.path.abspath(args.audio_dir))
@@ -171,8 +171,9 @@ def _generate_clips(args) -> tuple[str, bool]:
         ``(folder, whether this rank wrote it)``; the process group is gone afterwards.
     """
     from megatron_ualm import api
-    from megatron_ualm.evaluation.generation import read_prompts
-    from megatron_ualm.evaluation.runner import build_ualm, is_writer, respond_batches
+    from megatron_ualm.evaluation.tta import read_prompts
+    from megatron_ualm.evaluation.runner import respond_batches
+    from megatron_ualm.inference.checkpoint import build_ualm, is_writer
     from megatron_ualm.inference import GREEDY, GenerationParams, Turn, write_wav
     from megatron_ualm.inference.sampling import SamplingParams
 
@@ -186,7 +187,7 @@ def _generate_clips(args) -> tuple[str, bool]:
                               else args.min_audio_seconds, stop_at_eot=True, seed=args.seed)
     ids = list(prompts)
     replies = respond_batches(ualm, [[Turn("user", text=prompts[i])] for i in ids], params, "audio", args.batch_size,
-                              desc="generating")
+                              desc="generating", unit="clip")
     folder, writer = os.path.join(args.out, "audio"), is_writer()
     if writer:
         for i, reply in zip(ids, replies):
@@ -199,7 +200,7 @@ def _generate_clips(args) -> tuple[str, bool]:
 
 
 def run_generation(args) -> None:
-    from megatron_ualm.evaluation.generation import (ReferenceStats, compute_reference, evaluate_clips, list_clips,
+    from megatron_ualm.evaluation.tta import (ReferenceStats, compute_reference, evaluate_clips, list_clips,
                                                      read_prompts)
     from megatron_ualm.evaluation.report import write_reports
 
@@ -234,7 +235,8 @@ def _write_task(args, results: dict, rows: list, table: dict, columns: list) -> 
 def run_understanding(args) -> None:
     from megatron_ualm import api
     from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, load_audio
-    from megatron_ualm.evaluation.runner import build_ualm, is_writer, respond_batches
+    from megatron_ualm.evaluation.runner import respond_batches
+    from megatron_ualm.inference.checkpoint import build_ualm, is_writer
     from megatron_ualm.evaluation.understanding import question_text, read_records, score_responses
     from megatron_ualm.inference import GREEDY, GenerationParams, Turn
 
@@ -247,7 +249,7 @@ def run_understanding(args) -> None:
                               stop_at_eot=True, seed=args.seed)
     conversations = [[Turn("user", audio=load_audio(r.audio, AUDIO_IN_SAMPLE_RATE, field="audio"),
                            sample_rate=AUDIO_IN_SAMPLE_RATE), Turn("user", text=question_text(r))] for r in records]
-    replies = respond_batches(ualm, conversations, params, "text", args.batch_size, desc="answering")
+    replies = respond_batches(ualm, conversations, params, "text", args.batch_size, desc="answering", unit="question")
     writer = is_writer()
     api.destroy_parallel()
     if not writer:
@@ -265,7 +267,8 @@ def run_understanding(args) -> None:
 def run_text(args) -> None:
     from megatron_ualm import api
     from megatron_ualm.evaluation import text as text_eval
-    from megatron_ualm.evaluation.runner import build_ualm, first_token_logits, is_writer, respond_batches
+    from megatron_ualm.evaluation.runner import first_token_logits, respond_batches
+    from megatron_ualm.inference.checkpoint import build_ualm, is_writer
     from megatron_ualm.evaluation.understanding import read_records
     from megatron_ualm.inference import GREEDY, GenerationParams, Turn
 
@@ -287,7 +290,7 @@ def run_text(args) -> None:
         params = GenerationParams(text=GREEDY, cfg_weight=None, max_new_tokens=args.max_new_tokens, max_audio_segments=0,
                                   stop_at_eot=True, seed=args.seed)
         replies = respond_batches(ualm, [[Turn("user", text=f"{r['question']}\n{text_eval.GSM8K_INSTRUCTION}")] for r in gsm8k],
-                                  params, "text", args.batch_size, desc="gsm8k")
+                                  params, "text", args.batch_size, desc="gsm8k", unit="question")
         summary, em_rows = text_eval.score_exact_match(gsm8k, [r.text for r in replies])
         results["gsm8k"] = summary
         table["GSM8K"] = summary["exact_match"]
@@ -299,6 +302,9 @@ def run_text(args) -> None:
 
 def main(argv: Optional[list] = None) -> None:
     args = parse_args(argv)
+    from megatron_ualm.compat import quiet
+
+    quiet.install()
     try:
         {"reference": run_reference, "generation": run_generation, "understanding": run_understanding,
          "text": run_text}[args.task](args)

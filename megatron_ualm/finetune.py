@@ -25,36 +25,17 @@ writes. Example::
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Optional, Sequence
 
-from megatron_ualm import pretrain
-from megatron_ualm.training import loop
-
-
-def check_resumable(args: argparse.Namespace) -> None:
-    """Refuses ``--finetune`` on a run that resumes from its own directory.
-
-    Megatron's ``--finetune`` loads weights only and restarts at iteration 0 with a fresh
-    optimizer and data position, every time: a resumed run would silently start over.
-    ``--pretrained-checkpoint`` already fine-tunes while ``--load`` holds no checkpoint.
-    """
-    from megatron_ualm.model_record import TRACKER
-
-    if args.finetune and args.load and os.path.isfile(os.path.join(args.load, TRACKER)) and args.save and (
-            os.path.abspath(args.load) == os.path.abspath(args.save)):
-        raise ValueError(f"--finetune with --load {args.load} (this run's --save) would restart at iteration 0 on every "
-                         "resume; drop --finetune: --pretrained-checkpoint starts the run, --load resumes it")
+from megatron_ualm.checkpoint_format import has_checkpoint
+from megatron_ualm.evaluation.during_training import AudioEvalDuringTraining
+from megatron_ualm.training import checks, loop, providers
 
 
 def check_data(args: argparse.Namespace) -> None:
     """A starting checkpoint and a readable blend without DPO pairs."""
-    from megatron_ualm.model_record import TRACKER
-
-    check_resumable(args)
-    loop.check_blend(args)
-    start = [p for p in (args.pretrained_checkpoint, args.load) if p and os.path.isfile(os.path.join(p, TRACKER))]
-    if not start:
+    checks.check_blend(args)
+    if not any(has_checkpoint(p) for p in (args.pretrained_checkpoint, args.load)):
         given = args.pretrained_checkpoint or args.load
         raise ValueError(("no checkpoint in " + given + "; " if given else "") +
                          "fine-tuning starts from a checkpoint: give --pretrained-checkpoint CKPT (a converted or "
@@ -69,7 +50,8 @@ def check_data(args: argparse.Namespace) -> None:
                              "with python -m megatron_ualm.dpo")
 
 
-ENTRY = loop.TrainingEntry("finetune", pretrain.datasets_provider, pretrain.forward_step, check_data=check_data)
+ENTRY = loop.TrainingEntry("finetune", providers.datasets_provider, providers.forward_step, check_data=check_data,
+                           extensions=(AudioEvalDuringTraining,))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

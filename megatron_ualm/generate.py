@@ -133,6 +133,9 @@ def read_prompts(args) -> list[dict]:
 
 def main(argv: Optional[list] = None) -> None:
     args = parse_args(argv)
+    from megatron_ualm.compat import quiet
+
+    quiet.install()
     import dataclasses
 
     import torch
@@ -143,7 +146,7 @@ def main(argv: Optional[list] = None) -> None:
     from megatron_ualm.inference import reasoning
     from megatron_ualm.inference.audio import write_wav
     from megatron_ualm.inference.checkpoint import load_ualm
-    from megatron_ualm.inference.generator import GenerationParams
+    from megatron_ualm.inference.decoding import GenerationParams
     from megatron_ualm.inference.pipeline import Turn
     from megatron_ualm.inference.sampling import SamplingParams
     from megatron_ualm.vocab import VocabMismatch

@@ -2,8 +2,10 @@
 scheduling that ``pytest -n N --dist loadfile`` (scripts/run_tests.sh) runs the suite under."""
 
 import os
+import sys
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ualm_testing.py, for every test file
 
 import pytest
 
@@ -22,6 +24,14 @@ def parallel_world_of_one():
 
 
 SLURM_TESTS = "tests/slurm/"
+
+
+def pytest_collection_modifyitems(items):
+    """Every test under tests/slurm runs jobs on a cluster it starts: ``slurm`` (and ``slow``)."""
+    for item in items:
+        if item.nodeid.startswith(SLURM_TESTS):
+            item.add_marker(pytest.mark.slurm)
+            item.add_marker(pytest.mark.slow)
 
 
 def _unit(nodeid: str) -> str:

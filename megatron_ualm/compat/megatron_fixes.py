@@ -5,25 +5,6 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-
-def wrap_once(owner: Any, name: str, make: Callable[[Callable], Callable], stack: bool = False) -> None:
-    """Sets ``owner.name`` to ``make(inner)``.
-
-    ``inner`` is Megatron's own function, with every wrapper this project put on it removed, so
-    installing again (a second run in one process, tests) replaces the wrappers instead of
-    stacking them; with ``stack`` it is the current function instead: a second layer over a
-    wrapper installed just before (``training_log``: the UALM log line, then the audio eval).
-    """
-    current = getattr(owner, name)
-    if not stack:
-        while hasattr(current, "_ualm_original"):
-            current = current._ualm_original
-    wrapper = make(current)
-    wrapper._ualm_original = current
-    setattr(owner, name, wrapper)
-
 
 def skip_helpers_compilation_when_shipped() -> None:
     """``initialize_megatron`` calls ``megatron.core.datasets.utils.compile_helpers()``, which

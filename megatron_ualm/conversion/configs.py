@@ -1,7 +1,7 @@
 """Configs across the boundary: HF ``Qwen2Config`` / encoder configs <-> ``UALMConfig``.
 
 The ``ualm`` record a checkpoint carries (flavor, architecture, vocabulary layout, codec) is
-defined in ``megatron_ualm.model_record``; this module maps HF configs onto it.
+defined in ``megatron_ualm.checkpoint_format``; this module maps HF configs onto it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from megatron_ualm.config import FLAVORS, UALMConfig, make_config
 from megatron_ualm.conversion.hf_io import ConversionError, read_json
-from megatron_ualm.model_record import dtype_name
+from megatron_ualm.checkpoint_format import dtype_name
 
 # Fields compared when matching a HF config to a flavor.
 _MATCHED = (

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from megatron_ualm import model_record
+from megatron_ualm import checkpoint_format
 from megatron_ualm.conversion import configs, layout
 from megatron_ualm.conversion.hf_io import ConversionError, ShardedSafetensorsWriter, parse_size
 from megatron_ualm.conversion.importer import ENCODER_SUBDIR, UALM_AUDIO_FILE, UALM_CONFIG_FILE
@@ -81,7 +81,7 @@ def _check_tokenizer(record: Dict[str, Any], tokenizer_dir: str, ckpt: str) -> N
     if os.path.isfile(path):
         from megatron_ualm.data.tokenizer import TextTokenizer
 
-        model_record.check_tokenizer(record, TextTokenizer(path).identity(), ckpt, path)
+        checkpoint_format.check_tokenizer(record, TextTokenizer(path).identity(), ckpt, path)
 
 
 def export_hf(
@@ -111,16 +111,16 @@ def export_hf(
     Returns:
         ``output``.
     """
-    ckpt = model_record.resolve_checkpoint(load)
+    ckpt = checkpoint_format.resolve_checkpoint(load)
     if os.path.isdir(output) and os.listdir(output):
         raise ConversionError(f"output directory {output} is not empty; choose a new one")
-    record = model_record.read_record(ckpt)
+    record = checkpoint_format.read_description(ckpt)
     if record is not None:
-        model_record.check_flavor(record, flavor, ckpt)
-        config = model_record.config_from_record(record, **(overrides or {}))
+        checkpoint_format.check_flavor(record, flavor, ckpt)
+        config = checkpoint_format.config_from_description(record, **(overrides or {}))
     elif flavor is not None:
-        config = model_record.config_from_checkpoint(ckpt, flavor, **(overrides or {}))
-        record = model_record.make_record(config, flavor, codec=None, source=os.path.abspath(ckpt))
+        config = checkpoint_format.config_from_checkpoint(ckpt, flavor, **(overrides or {}))
+        record = checkpoint_format.describe_model(config, flavor, codec=None, source=os.path.abspath(ckpt))
     else:
         raise ConversionError(
             f"{ckpt} does not describe its model (no 'ualm' record, no training args): pass --flavor "
@@ -128,7 +128,7 @@ def export_hf(
         )
     if tokenizer is not None:
         _check_tokenizer(record, tokenizer, ckpt)
-    out_dtype = model_record.DTYPES[dtype] if dtype else config.params_dtype
+    out_dtype = checkpoint_format.DTYPES[dtype] if dtype else config.params_dtype
     model = structure_model(config)
     units = model_units(model)
 
@@ -154,10 +154,10 @@ def export_hf(
     if encoder is not None:
         encoder.close()
         enc_cfg = configs.encoder_config_dict(config)
-        enc_cfg["dtype"] = model_record.dtype_name(out_dtype)
+        enc_cfg["dtype"] = checkpoint_format.dtype_name(out_dtype)
         with open(os.path.join(output, ENCODER_SUBDIR, "config.json"), "w") as f:
             json.dump(enc_cfg, f, indent=2)
-    record = dict(record, params_dtype=model_record.dtype_name(out_dtype))
+    record = dict(record, params_dtype=checkpoint_format.dtype_name(out_dtype))
     vocab = UALMVocab.from_config(config)
     with open(os.path.join(output, UALM_CONFIG_FILE), "w") as f:
         json.dump(dict(record=record, special_tokens={t: vocab.special(t) for t in SPECIAL_TOKENS}, layout=LAYOUT),

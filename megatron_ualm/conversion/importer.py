@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_ualm.config import NUM_RESERVED_SPECIAL_TOKENS, UALMConfig, make_config
-from megatron_ualm import model_record
+from megatron_ualm import checkpoint_format
 from megatron_ualm.conversion import configs, layout
 from megatron_ualm.conversion.hf_io import ConversionError, SafetensorsReader, read_json
 from megatron_ualm.conversion.megatron_io import (
@@ -326,8 +326,8 @@ def import_hf(
         record = read_json(exported_path)["record"]
         fields = dict(overrides or {})
         if dtype:
-            fields["params_dtype"] = model_record.DTYPES[dtype]
-        config = model_record.config_from_record(record, **fields)
+            fields["params_dtype"] = checkpoint_format.DTYPES[dtype]
+        config = checkpoint_format.config_from_description(record, **fields)
         flavor = record["flavor"]
         parts = SafetensorsReader.from_file(os.path.join(hf_dir, UALM_AUDIO_FILE))
         if config.audio_encoder_type is not None:
@@ -335,7 +335,7 @@ def import_hf(
         codec_record = record.get("codec")
         tokenizer = _hf_tokenizer(hf_dir)
         if tokenizer is not None:
-            model_record.check_tokenizer(record, tokenizer.identity(), exported_path, str(tokenizer.path))
+            checkpoint_format.check_tokenizer(record, tokenizer.identity(), exported_path, str(tokenizer.path))
     else:
         flavor = configs.resolve_flavor(arch, flavor, os.path.join(hf_dir, "config.json"))
         fields = dict(overrides or {})
@@ -349,7 +349,7 @@ def import_hf(
             kind, enc_cfg, encoder_prefix = configs.encoder_info(audio_encoder)
             fields.update(audio_encoder_type=kind, audio_encoder_config=enc_cfg)
             encoder_reader = SafetensorsReader(audio_encoder)
-        fields["params_dtype"] = model_record.DTYPES[dtype or arch["_dtype"]]
+        fields["params_dtype"] = checkpoint_format.DTYPES[dtype or arch["_dtype"]]
         config = configs.build_config(flavor, arch, fields)
         codec_record = codec_identity(codec, config)
     configs.check_parallel(config, tp, pp)
@@ -361,7 +361,7 @@ def import_hf(
         probe = next(k for u in units.values() for k in u.slots if k.startswith("audio_encoder.model."))
         encoder_prefix = _encoder_prefix(encoder_reader, probe[len("audio_encoder.model."):], encoder_prefix)
     source = _Source(config, hf, seed, encoder_reader, encoder_prefix, parts)
-    record = model_record.make_record(
+    record = checkpoint_format.describe_model(
         config, flavor, tokenizer.identity() if tokenizer is not None else None,
         codec=codec_record,
         source=os.path.abspath(hf_dir),

@@ -27,7 +27,6 @@ import os
 import pickle
 import re
 import shutil
-import socket
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Dict, Optional, Tuple
@@ -47,15 +46,11 @@ from torch.overrides import TorchFunctionMode
 from megatron_ualm.compat import cpu as cpu_compat
 from megatron_ualm.config import UALMConfig
 from megatron_ualm.conversion.hf_io import ConversionError
-from megatron_ualm.model_record import RELEASE, TRACKER
+from megatron_ualm.checkpoint_format import RELEASE, TRACKER
+from megatron_ualm.files import atomic_write, partial_dir
+from megatron_ualm.launch import free_port
 
 _COMMON_KEY = "common_state"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_world_of_one() -> None:
@@ -69,7 +64,7 @@ def ensure_world_of_one() -> None:
         # A tcp init_method rather than MASTER_* variables: the environment is left alone, so
         # subprocesses do not inherit a port this process holds.
         torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+            "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
             timeout=datetime.timedelta(minutes=30),
         )
     if not parallel_state.model_parallel_is_initialized():
@@ -282,7 +277,7 @@ class StreamingCheckpointWriter:
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise ConversionError(f"output {out_dir} is a file; choose a new directory")
         self.final_dir = os.path.abspath(out_dir)
-        self.out_dir = os.path.join(os.path.dirname(self.final_dir), f".{os.path.basename(self.final_dir)}.partial")
+        self.out_dir = partial_dir(self.final_dir)
         shutil.rmtree(self.out_dir, ignore_errors=True)
         self.ckpt_dir = os.path.join(self.out_dir, RELEASE)
         self.scratch = os.path.join(self.out_dir, ".units")
@@ -329,10 +324,7 @@ class StreamingCheckpointWriter:
             The checkpoint directory (``out_dir/release``).
         """
         _check_complete(self.metadata)
-        tmp = os.path.join(self.ckpt_dir, ".metadata.tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(self.metadata, f)
-        os.replace(tmp, os.path.join(self.ckpt_dir, ".metadata"))
+        atomic_write(os.path.join(self.ckpt_dir, ".metadata"), pickle.dumps(self.metadata))
         shutil.rmtree(self.scratch, ignore_errors=True)
         with open(os.path.join(self.out_dir, TRACKER), "w") as f:
             f.write(RELEASE)

@@ -96,7 +96,7 @@ DEFAULT_LOSS = {"audio_1": False}
 
 def default_instructions() -> dict:
     """The reasoning loops' instructions (``ReasoningPrompts``), so training matches inference."""
-    from megatron_ualm.inference.reasoning import ReasoningPrompts
+    from megatron_ualm.data.instructions import ReasoningPrompts
 
     p = ReasoningPrompts()
     return {"enrichment": p.enrichment, "dialogue": p.dialogue, "critique": p.critique}

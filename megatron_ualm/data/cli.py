@@ -1,4 +1,7 @@
-"""Command lines of the data tools (``tools/*.py`` call these ``main`` functions).
+"""Command lines of the data tools (``tools/*.py`` and the ``ualm-*`` console scripts call these
+``main`` functions): preprocessing of the text, generation, understanding, chat and preference
+families, ``build_blend`` and ``inspect_shards``. The codec (audio out) and encoder-window
+(audio in) flags are one set of groups for every tool that stores audio.
 
 Heavy modules (torch, Megatron-Core, transformers) are imported after argument parsing, and
 manifests, paths and the output directory are checked before them, so ``--help`` and user
@@ -13,8 +16,10 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
+from megatron_ualm.compat import quiet
 from megatron_ualm.data.families import FAMILIES
 from megatron_ualm.data.tasks import add_task_arguments
+from megatron_ualm.files import atomic_json, atomic_write
 
 
 _EPILOG = """
@@ -70,6 +75,125 @@ def _audio_root(parser: argparse.ArgumentParser) -> None:
                              "where installed")
 
 
+def add_codec_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    """The audio-out flags (codec) of the tools that store codes.
+
+    Args:
+        parser: the tool's parser.
+        required: the family is audio out (generation); otherwise a run without a codec takes
+            no audio out, and records holding some are rejected with the reason.
+    """
+    g = parser.add_argument_group("audio out (codec)")
+    without = ("" if required else " Without --codec or --codec-path the run takes no audio out: such records are "
+               "rejected with the reason")
+    g.add_argument("--codec", default=None,
+                   help="codec: 'xcodec' (transformers XcodecModel; the default when --codec-path is given), "
+                        "'package.module:Class' (a megatron_ualm.data.codec.Codec subclass), or 'precomputed' "
+                        "(records carry codes)." + without)
+    g.add_argument("--codec-path", help="local codec checkpoint directory (save_pretrained layout)")
+    g.add_argument("--codec-device",
+                   help="torch device for the codec (default: cuda when available; 'cuda' becomes the task's "
+                        "own GPU, cuda:LOCAL_RANK, when several are visible)")
+    g.add_argument("--codec-batch-size", type=_positive, default=8,
+                   help="clips per codec call (default 8; equal-length clips of a step of 64 records share a "
+                        "call, X-Codec cannot pad)")
+    g.add_argument("--encode-in-main", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --workers > 1: the workers decode and resample audio, and the main process "
+                        "holds the one codec and encodes their clips in batches (at most 2 x workers steps of "
+                        "64 records in flight). Default: on when the codec runs on CUDA; off on CPU, where "
+                        "each worker encodes with its own codec copy")
+    g.add_argument("--num-codebooks", type=int, help="K to keep (default: the codec's; required for precomputed)")
+    g.add_argument("--codebook-size", type=int, help="codes per codebook (precomputed codes only)")
+    g.add_argument("--frame-rate", type=int, help="codec frames per second (precomputed codes only)")
+
+
+def check_codec_args(parser: argparse.ArgumentParser, args: argparse.Namespace, required: bool) -> None:
+    """Completes and checks ``add_codec_args``' flags (``parser.error`` on a bad combination)."""
+    if args.codec is None and args.codec_path:
+        args.codec = "xcodec"
+    if args.codec is None and required:
+        parser.error("give the codec that encodes the audio: --codec-path DIR (a local X-Codec checkpoint), or "
+                     "--codec precomputed when the records carry codes")
+    if args.codec == "precomputed":
+        missing = [f"--{n.replace('_', '-')}" for n in ("num_codebooks", "codebook_size", "frame_rate")
+                   if getattr(args, n) is None]
+        if missing:
+            parser.error(f"--codec precomputed needs {', '.join(missing)}")
+    elif args.codec is not None and not args.codec_path:
+        parser.error(f"--codec {args.codec} needs --codec-path")
+    if args.encode_in_main and args.codec in (None, "precomputed"):
+        parser.error("--encode-in-main runs a codec; give --codec-path")
+
+
+def codec_kwargs(args: argparse.Namespace) -> dict:
+    """Converter keyword arguments for the codec (``task_device`` resolves the device here)."""
+    kwargs: dict = dict(codec_batch_size=args.codec_batch_size)
+    if args.codec == "precomputed":
+        kwargs["codec_identity"] = dict(name="precomputed", num_codebooks=args.num_codebooks,
+                                        codebook_size=args.codebook_size, frame_rate=args.frame_rate)
+    elif args.codec is not None:
+        from megatron_ualm.data.tasks import task_device
+
+        kwargs["codec"] = dict(name=args.codec, path=args.codec_path, device=task_device(args.codec_device),
+                               num_codebooks=args.num_codebooks)
+    return kwargs
+
+
+def _codec_precheck(args: argparse.Namespace) -> Callable[[], None]:
+    """The cheap check of the codec directory, before any model loads."""
+    def precheck() -> None:
+        from megatron_ualm.data.codec import check_checkpoint_dir
+
+        if args.codec == "xcodec":
+            check_checkpoint_dir(args.codec_path, "X-Codec", model_type="xcodec")
+    return precheck
+
+
+def _encode_in_main(args: argparse.Namespace, kwargs: dict) -> Callable[[], Optional[bool]]:
+    """``Job.encode_in_main``: the flag, else on when the codec runs on CUDA."""
+    def decide() -> Optional[bool]:
+        device = (kwargs.get("codec") or {}).get("device")
+        return args.encode_in_main if args.encode_in_main is not None or device is None else device.startswith("cuda")
+    return decide
+
+
+def add_audio_in_args(parser: argparse.ArgumentParser, optional: bool) -> None:
+    """The audio-in flags (how clips for the frozen encoder are stored, its window).
+
+    Args:
+        parser: the tool's parser.
+        optional: the family may hold no audio in (chat, preferences): ``--audio-in-storage
+            none`` is offered, and records with audio in are then rejected with the reason.
+    """
+    g = parser.add_argument_group("audio in (frozen encoder)")
+    choices = ("pcm16", "mel", "none") if optional else ("pcm16", "mel")
+    g.add_argument("--audio-in-storage", choices=choices, default="pcm16",
+                   help="pcm16: 16 kHz int16 samples (default; features computed while training); mel: valid "
+                        "log-mel frames, float32 (more disk, no feature work while training)"
+                        + ("; none: the run takes no audio in" if optional else ""))
+    g.add_argument("--flavor", help="take --n-mels and --window-seconds from this model flavor's encoder "
+                                    "(e.g. qwen2.5-7b, debug)")
+    g.add_argument("--n-mels", type=int, default=128, help="mel bins of the encoder (default 128; debug flavor 16)")
+    g.add_argument("--window-seconds", type=int, default=30,
+                   help="encoder window in seconds (default 30; debug flavor 2)")
+
+
+def audio_in_config(args: argparse.Namespace):
+    """The ``AudioInConfig`` of ``add_audio_in_args``' flags (None for ``--audio-in-storage none``)."""
+    from megatron_ualm.data.audio import AudioInConfig
+
+    if args.audio_in_storage == "none":
+        return None
+    if not args.flavor:
+        return AudioInConfig(args.n_mels, args.window_seconds)
+    from megatron_ualm.config import make_config
+
+    try:
+        return AudioInConfig.from_model_config(make_config(args.flavor))
+    except ValueError as err:
+        raise UsageError(f"--flavor: {err}") from None
+
+
 def _check_tokenizer(path: str) -> None:
     """Loads the tokenizer once, before the heavy imports, to report a wrong path in one line."""
     from megatron_ualm.data.tokenizer import TextTokenizer
@@ -98,6 +222,7 @@ def _run(args, family: str, converter: Callable[[], tuple], encode_in_main: Call
     Returns:
         0, 1 for a bad record under --strict, 2 for a user error.
     """
+    quiet.install()
     from megatron_ualm.data.codec import CodecLoadError
     from megatron_ualm.data.preprocess import Job, ManifestError, StrictStop, check_output, open_manifests, run
     from megatron_ualm.data.tasks import IncompleteOutput, OutputConflict, TaskError, check_split, resolve_task
@@ -160,67 +285,22 @@ def preprocess_generation_main(argv: Optional[Sequence[str]] = None) -> int:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(parser, 1000)
     _audio_root(parser)
-    parser.add_argument("--codec", default="xcodec",
-                        help="codec: 'xcodec' (transformers XcodecModel), 'package.module:Class' (a "
-                             "megatron_ualm.data.codec.Codec subclass), or 'precomputed' (records carry codes)")
-    parser.add_argument("--codec-path", help="local codec checkpoint directory (save_pretrained layout)")
-    parser.add_argument("--codec-device",
-                        help="torch device for the codec (default: cuda when available; 'cuda' becomes the task's "
-                             "own GPU, cuda:LOCAL_RANK, when several are visible)")
-    parser.add_argument("--codec-batch-size", type=_positive, default=8,
-                        help="clips per codec call (default 8; equal-length clips of a step of 64 records share a "
-                             "call, X-Codec cannot pad)")
-    parser.add_argument("--encode-in-main", action=argparse.BooleanOptionalAction, default=None,
-                        help="with --workers > 1: the workers decode and resample audio, and the main process "
-                             "holds the one codec and encodes their clips in batches (at most 2 x workers steps of "
-                             "64 records in flight). Default: on when the codec runs on CUDA; off on CPU, where "
-                             "each worker encodes with its own codec copy")
-    parser.add_argument("--num-codebooks", type=int, help="K to keep (default: the codec's; required for precomputed)")
-    parser.add_argument("--codebook-size", type=int, help="codes per codebook (precomputed codes only)")
-    parser.add_argument("--frame-rate", type=int, help="codec frames per second (precomputed codes only)")
+    add_codec_args(parser, required=True)
     parser.add_argument("--rich-caption", choices=("plan", "condition"), default="plan",
                         help="plan: the rich caption is an assistant text plan before the audio (default); "
                              "condition: it replaces the caption as the user's condition")
     args = parser.parse_args(argv)
-    if args.codec == "precomputed":
-        missing = [f"--{n.replace('_', '-')}" for n in ("num_codebooks", "codebook_size", "frame_rate")
-                   if getattr(args, n) is None]
-        if missing:
-            parser.error(f"--codec precomputed needs {', '.join(missing)}")
-        if args.encode_in_main:
-            parser.error("--encode-in-main runs a codec; --codec precomputed has none")
-    elif not args.codec_path:
-        parser.error(f"--codec {args.codec} needs --codec-path")
-    device = None
-
-    def precheck() -> None:
-        from megatron_ualm.data.codec import check_checkpoint_dir
-
-        if args.codec == "xcodec":
-            check_checkpoint_dir(args.codec_path, "X-Codec", model_type="xcodec")
+    check_codec_args(parser, args, required=True)
+    kwargs: dict = {}
 
     def converter() -> tuple:
-        nonlocal device
         from megatron_ualm.data.records import GenerationConverter
-        from megatron_ualm.data.tasks import task_device
 
-        if args.codec == "precomputed":
-            kwargs = dict(codec=None, codec_identity=dict(name="precomputed", num_codebooks=args.num_codebooks,
-                                                           codebook_size=args.codebook_size, frame_rate=args.frame_rate))
-        else:
-            device = task_device(args.codec_device)
-            kwargs = dict(codec=dict(name=args.codec, path=args.codec_path, device=device,
-                                     num_codebooks=args.num_codebooks))
+        kwargs.update(codec_kwargs(args))
         return GenerationConverter, dict(tokenizer=args.tokenizer, rich_caption=args.rich_caption,
-                                         audio_decoder=args.audio_decoder, codec_batch_size=args.codec_batch_size,
-                                         audio_root=_root(args), **kwargs)
+                                         audio_decoder=args.audio_decoder, audio_root=_root(args), **kwargs)
 
-    def encode_in_main() -> Optional[bool]:
-        if args.encode_in_main is not None or device is None:
-            return args.encode_in_main
-        return device.startswith("cuda")
-
-    return _run(args, "generation", converter, encode_in_main, precheck)
+    return _run(args, "generation", converter, _encode_in_main(args, kwargs), _codec_precheck(args))
 
 
 def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -236,32 +316,15 @@ def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(parser, 1000)
     _audio_root(parser)
-    parser.add_argument("--audio-in-storage", choices=("pcm16", "mel"), default="pcm16",
-                        help="pcm16: 16 kHz int16 samples (default; features computed while training); "
-                             "mel: valid log-mel frames, float32 (more disk, no feature work while training)")
-    parser.add_argument("--flavor", help="take --n-mels and --window-seconds from this model flavor's encoder "
-                                          "(e.g. qwen2.5-7b, debug)")
-    parser.add_argument("--n-mels", type=int, default=128, help="mel bins of the encoder (default 128; debug flavor 16)")
-    parser.add_argument("--window-seconds", type=int, default=30,
-                        help="encoder window in seconds (default 30; debug flavor 2)")
+    add_audio_in_args(parser, optional=False)
     args = parser.parse_args(argv)
 
     def converter() -> tuple:
-        from megatron_ualm.data.audio import AudioInConfig
         from megatron_ualm.data.records import UnderstandingConverter
 
-        if args.flavor:
-            from megatron_ualm.config import make_config
-
-            try:
-                config = make_config(args.flavor)
-            except ValueError as err:
-                raise UsageError(f"--flavor: {err}") from None
-            audio_in = AudioInConfig.from_model_config(config)
-        else:
-            audio_in = AudioInConfig(args.n_mels, args.window_seconds)
         return UnderstandingConverter, dict(tokenizer=args.tokenizer, storage=args.audio_in_storage,
-                                            audio_decoder=args.audio_decoder, audio_in=audio_in, audio_root=_root(args))
+                                            audio_decoder=args.audio_decoder, audio_in=audio_in_config(args),
+                                            audio_root=_root(args))
 
     return _run(args, "understanding", converter)
 
@@ -302,6 +365,7 @@ def build_blend_main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--upsample {item!r}: family must be one of {', '.join(FAMILIES)}, factor > 0")
     if _no_such_paths(args.shards):
         return 1
+    quiet.install()
     from megatron_ualm.data.blend import find_shards, format_table, plan_blend
     from megatron_ualm.data.tasks import check_complete
 
@@ -312,13 +376,9 @@ def build_blend_main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    tmp = args.output + ".partial"
-    with open(tmp, "w") as f:
-        json.dump(plan.to_json(), f, indent=1)
-    os.replace(tmp, args.output)
-    data_path = os.path.splitext(args.output)[0] + ".data_path.txt"
-    with open(data_path, "w") as f:
-        f.write(" ".join(f"{w:.10g} {p}" for p, w in zip(plan.shards, plan.weights)) + "\n")
+    atomic_json(args.output, plan.to_json())
+    data_path = atomic_write(os.path.splitext(args.output)[0] + ".data_path.txt",
+                             " ".join(f"{w:.10g} {p}" for p, w in zip(plan.shards, plan.weights)) + "\n")
     print(format_table(plan))
     print(f"wrote {args.output} and {data_path}")
     return 0
@@ -344,6 +404,7 @@ def inspect_shards_main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if _no_such_paths(args.shards):
         return 2
+    quiet.install()
     from megatron_ualm.data.blend import find_shards
     from megatron_ualm.data.inspect import describe_record, shard_stats, validate_shard
     from megatron_ualm.data.shards import ShardReader
@@ -388,3 +449,95 @@ def inspect_shards_main(argv: Optional[Sequence[str]] = None) -> int:
         if incomplete:
             print(f"{len(incomplete)} problem(s) with the task split: a blend of these shards is refused")
     return 1 if failed or incomplete else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The post-training data tools (chat shards for SFT, preference shards for DPO).
+
+def _post_training_tool(argv: Optional[Sequence[str]], prog: str, family: str, description: str, converter_class: str,
+               add_args: Callable[[argparse.ArgumentParser], None] = lambda parser: None,
+               converter_kwargs: Callable[[argparse.Namespace], dict] = lambda args: {}) -> int:
+    """A post-training data tool (chat, preferences): the shared flags, both audio groups, the runner.
+
+    Args:
+        argv: the command line (None: ``sys.argv``).
+        prog: the program name.
+        family: shard family and default ``--name``.
+        description: ``--help`` text.
+        converter_class: the converter's name in ``megatron_ualm.data`` (``chat.ChatConverter``).
+        add_args: the tool's own flags.
+        converter_kwargs: the tool's own converter arguments (may raise ``UsageError``).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(parser, 1000)
+    _audio_root(parser)
+    add_codec_args(parser, required=False)
+    add_audio_in_args(parser, optional=True)
+    add_args(parser)
+    args = parser.parse_args(argv)
+    check_codec_args(parser, args, required=False)
+
+    kwargs: dict = {}
+
+    def converter() -> tuple:
+        import importlib
+
+        module, _, name = converter_class.rpartition(".")
+        cls = getattr(importlib.import_module(f"megatron_ualm.data.{module}"), name)
+        kwargs.update(codec_kwargs(args))
+        audio_in = audio_in_config(args)
+        if audio_in is not None:
+            kwargs.update(audio_in=audio_in, audio_in_storage=args.audio_in_storage)
+        kwargs.update(tokenizer=args.tokenizer, audio_root=_root(args), audio_decoder=args.audio_decoder,
+                      **converter_kwargs(args))
+        return cls, kwargs
+
+    return _run(args, family, converter, _encode_in_main(args, kwargs), _codec_precheck(args))
+
+
+def _loss_overrides(args: argparse.Namespace) -> dict:
+    from megatron_ualm.data.chat import parse_loss_overrides
+
+    try:
+        return {"loss": parse_loss_overrides(args.loss)}
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _loss_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--loss", action="append", default=[], metavar="PART=on|off",
+                        help="train (on) or not (off) on a part for every record, e.g. audio_1=on; parts: system, "
+                             "user, assistant, prompt, plan, audio, question, answer, audio_1, caption_1, critique, "
+                             "audio_2 (a record's own \"loss\": {part: bool} wins)")
+
+
+def preprocess_chat_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Chat and UALM-Reason records -> ``chat`` shards for ``python -m megatron_ualm.finetune``."""
+    return _post_training_tool(
+        argv, "preprocess_chat", "chat",
+        "Turn SFT conversations into UALM token shards (the chat family). A record is "
+        '{"messages": [{"role": "system|user|assistant", "content": "..." | "audio": path | '
+        '"codes": [[...]], "loss": bool, "condition": bool, "part": name}, ...]} (audio in a user turn '
+        "is audio in, in an assistant turn audio out), or a UALM-Reason kind: "
+        '{"kind": "enrichment", "prompt", "rich_caption", "audio"|"codes"}, {"kind": "dialogue", '
+        '"prompt", "turns": [{"question", "answer"}], "rich_caption", "audio"|"codes"}, '
+        '{"kind": "self_reflection", "prompt", "rich_caption", "audio_1"|"codes_1", "caption_1", '
+        '"critique", "audio_2"|"codes_2"}. Loss is on assistant messages except audio 1 of a '
+        "self-reflection sample (the model's own flawed first attempt); the user text before an "
+        "audio-out reply is its CFG condition. Schema: megatron_ualm/data/chat.py.",
+        "chat.ChatConverter", _loss_flag, _loss_overrides)
+
+
+def preprocess_preferences_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Preference manifest (prompt, chosen, rejected) -> ``preference`` shards for ``python -m megatron_ualm.dpo``."""
+    return _post_training_tool(
+        argv, "preprocess_preferences", "preference",
+        "Turn a DPO preference manifest into paired UALM shards (the preference family). A record is "
+        '{"prompt": "text" | [chat messages], "chosen": <response>, "rejected": <response>} where a '
+        'response is text, one message ({"content"}, {"audio": path} or {"codes": [[...]]}) or a list '
+        "of assistant messages (e.g. a caption, then audio); other fields (id, scores) are ignored. "
+        "Records with a missing side, chosen identical to rejected, or missing / undecodable audio are "
+        "named in rejected.jsonl and skipped (--strict stops at the first). Schema: "
+        "megatron_ualm/data/preference.py.",
+        "preference.PreferenceConverter")

@@ -39,6 +39,7 @@ from megatron_ualm.data.audio import (AudioInConfig, LogMel, MEL_PER_AUDIO_IN_FR
                                       pad_mel_windows, pcm_to_float)
 from megatron_ualm.data.sequence import Message, build_sample
 from megatron_ualm.data.shards import Segment, ShardReader, document_length
+from megatron_ualm.files import atomic_file
 from megatron_ualm.vocab import UALMVocab
 
 logger = logging.getLogger(__name__)
@@ -247,9 +248,8 @@ class UALMDataset(MegatronDataset):
         if paths:
             os.makedirs(cache, exist_ok=True)
             for path, array in zip(paths, (offsets, documents)):
-                tmp = f"{path}.{os.getpid()}.tmp.npy"
-                np.save(tmp, array)
-                os.replace(tmp, path)
+                with atomic_file(path) as tmp:
+                    np.save(tmp, array)
         return offsets, documents
 
     def __len__(self) -> int:

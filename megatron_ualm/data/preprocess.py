@@ -38,6 +38,7 @@ from tqdm import tqdm
 from megatron_ualm.data import tasks
 from megatron_ualm.data.errors import RecordError
 from megatron_ualm.data.tasks import OutputConflict, Task
+from megatron_ualm.files import atomic_file, partial_dir
 
 STEP = 64
 """Records converted per call: bounds the clips a worker holds, and is the codec's batching scope."""
@@ -438,7 +439,7 @@ def run(job: Job, task: Optional[Task] = None, manifests: Optional[Sequence[Mani
     for k in mine:
         path = job.shard_path(k)
         # A crashed run's half-written shard of this task (other tasks' may still be in progress).
-        shutil.rmtree(os.path.join(job.output, f".{os.path.basename(path)}.partial"), ignore_errors=True)
+        shutil.rmtree(partial_dir(path), ignore_errors=True)
         if os.path.isdir(path):
             account(ours(path))
             summary["shards_kept"] += 1
@@ -564,11 +565,9 @@ def _merge_rejected(shards: Sequence[str], target: str) -> None:
     """Concatenates the shards' reasons into ``target`` (atomically)."""
     from megatron_ualm.data.shards import REJECTED
 
-    tmp = target + ".partial"
-    with open(tmp, "w") as out:
+    with atomic_file(target) as tmp, open(tmp, "w") as out:
         for shard in shards:
             path = os.path.join(shard, REJECTED)
             if os.path.isfile(path):
                 with open(path) as f:
                     shutil.copyfileobj(f, out)
-    os.replace(tmp, target)

@@ -42,6 +42,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatase
 from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, MEL_HOP, MEL_PER_AUDIO_IN_FRAME, SAMPLES_PER_AUDIO_IN_FRAME
 from megatron_ualm.data.errors import RecordError
 from megatron_ualm.data.families import FAMILIES
+from megatron_ualm.files import partial_dir
 from megatron_ualm.vocab import ROLES, layout_fingerprint, vocab_layout
 
 SHARD_FORMAT = "ualm-shard"
@@ -170,7 +171,7 @@ class ShardWriter:
         if family not in FAMILIES:
             raise ValueError(f"family {family!r} is not one of {FAMILIES}")
         self.path = os.path.abspath(path)
-        self.tmp = os.path.join(os.path.dirname(self.path), f".{os.path.basename(self.path)}.partial")
+        self.tmp = partial_dir(self.path)
         shutil.rmtree(self.tmp, ignore_errors=True)
         os.makedirs(self.tmp)
         self.family = family

@@ -23,10 +23,11 @@ import glob
 import json
 import os
 import re
-import socket
 import textwrap
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
+
+from megatron_ualm.files import atomic_json
 
 RUN_FORMAT = "ualm-preprocess-run"
 TASK_FORMAT = "ualm-preprocess-task"
@@ -192,14 +193,6 @@ def rejected_file(output: str, name: str, task: Task) -> str:
     return os.path.join(output, f"{name}.{task.tag}.rejected.jsonl")
 
 
-def write_json(path: str, blob: dict) -> None:
-    """Writes ``blob`` under a name no other task uses, then renames it into place."""
-    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.partial"
-    with open(tmp, "w") as f:
-        json.dump(blob, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _read_json(path: str) -> Optional[dict]:
     try:
         with open(path) as f:
@@ -256,7 +249,7 @@ def begin(output: str, name: str, task: Task, run_key: str, num_shards: int, rec
                              "inputs or records per shard); write to a new --output or delete it")
     check_split(output, name, task)
     if blob is None:
-        write_json(path, {"format": RUN_FORMAT, "version": 1, "name": name, "run_key": run_key,
+        atomic_json(path, {"format": RUN_FORMAT, "version": 1, "name": name, "run_key": run_key,
                           "num_tasks": task.count, "num_shards": num_shards, "records": records})
 
 
@@ -268,7 +261,7 @@ def finish(output: str, name: str, task: Task, run_key: str, shards: Sequence[st
         Its path.
     """
     path = task_file(output, name, task)
-    write_json(path, {"format": TASK_FORMAT, "version": 1, "name": name, "run_key": run_key,
+    atomic_json(path, {"format": TASK_FORMAT, "version": 1, "name": name, "run_key": run_key,
                       "task_index": task.index, "num_tasks": task.count, "records": records,
                       "shards": [os.path.basename(s) for s in shards],
                       "counts": {k: summary[k] for k in ("samples", "rejected", "tokens")},

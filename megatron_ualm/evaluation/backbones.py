@@ -17,7 +17,7 @@ for PANNs (mono, DC removed, at least 2 s), the package's own predictor for the 
 
 A ``path`` is what the user downloaded beforehand: the official checkpoint file, or a directory
 with the weights and an optional ``config.json`` of the model class's arguments (the tiny random
-test backbones of ``evaluation.testing`` use that to shrink the architecture). CLAP is a
+tiny backbones of ``tiny.backbones`` use that to shrink the architecture). CLAP is a
 ``transformers`` directory (``save_pretrained`` of ``ClapModel`` + ``ClapProcessor``). Nothing is
 downloaded: every package entry point that would download (``torchopenl3``'s model loader,
 ``panns_inference``'s ``AudioTagging`` and label CSV, ``hear21passt``'s ``get_basic_model``, the

@@ -1,8 +1,8 @@
 """Audio evaluation during training: every N iterations, the model being trained generates a fixed
 prompt set; the clips and their CLAP score go to TensorBoard / W&B and ``<save>/metrics.jsonl``.
 
-Flags (group "UALM evaluation", on every entry point that runs ``training.loop``: pretrain,
-finetune, dpo)::
+``AudioEvalDuringTraining`` is a ``training.hooks.TrainingExtension``; ``pretrain``,
+``finetune`` and ``dpo`` list it, which gives them the flags (group "UALM evaluation")::
 
     --eval-prompts prompts.jsonl --eval-audio-interval 1000 --eval-tokenizer tok/ \\
     --eval-codec xcodec/ [--eval-clap-path clap/] [--eval-audio-seconds 10]
@@ -10,7 +10,8 @@ finetune, dpo)::
 How it stays out of the run's way:
 
 - it runs after an optimizer step, on every rank (the generator keeps the model-parallel ranks in
-  step; TP and PP work as in ``megatron_ualm.generate``), on the unwrapped model under
+  step; TP and PP work as in ``megatron_ualm.generate``), on the model chunk the loop's model
+  provider built, under
   ``torch.inference_mode`` in eval mode, and puts every module back in the mode it was in;
 - every RNG stream is saved before and restored after: Python's ``random``, numpy's global RNG,
   torch's CPU generator, every CUDA device's generator and Megatron's model-parallel RNG tracker
@@ -36,6 +37,10 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from megatron_ualm.checkpoint_format import iteration_folder
+from megatron_ualm.training.hooks import RunContext, TrainingExtension
+from megatron_ualm.training.metrics import append_metrics
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -67,7 +72,7 @@ def check_args(args) -> None:
         path = getattr(args, flag)
         if path and not os.path.exists(path):
             raise ValueError(f"--{flag.replace('_', '-')} {path} does not exist")
-    from megatron_ualm.evaluation.generation import read_prompts
+    from megatron_ualm.evaluation.tta import read_prompts
 
     if not read_prompts(args.eval_prompts):
         raise ValueError(f"--eval-prompts {args.eval_prompts} holds no prompts")
@@ -112,15 +117,18 @@ class AudioEvalHook:
 
     Args:
         args: the run's parsed arguments (the ``--eval-*`` flags, ``--save``).
+        model: the model chunk to generate with (an unwrapped ``UALMModel`` with both ends: the
+            audio evaluation refuses a virtual pipeline).
     """
 
-    def __init__(self, args) -> None:
+    def __init__(self, args, model) -> None:
         from megatron_ualm.data.tokenizer import TextTokenizer
-        from megatron_ualm.evaluation.generation import read_prompts
+        from megatron_ualm.evaluation.tta import read_prompts
         from megatron_ualm.inference import GREEDY, GenerationParams
         from megatron_ualm.inference.sampling import SamplingParams
 
         self.args = args
+        self.model = model
         self.interval = args.eval_audio_interval
         self.prompts = read_prompts(args.eval_prompts)
         self.tokenizer = TextTokenizer(args.eval_tokenizer)
@@ -128,13 +136,14 @@ class AudioEvalHook:
         # clips of successive evaluations differ by the model only.
         self.params = GenerationParams(text=GREEDY, audio=SamplingParams(0.8, 20), cfg_weight=args.eval_cfg_weight,
                                        max_audio_seconds=args.eval_audio_seconds, stop_at_eot=True, seed=1234)
-        self.model = None
         self._codec = self._clap = None
 
     @property
     def writer_rank(self) -> bool:
         """The last global rank logs (as Megatron's TensorBoard writer and metrics.jsonl do)."""
-        return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+        from megatron.training.utils import is_last_rank
+
+        return is_last_rank()
 
     def due(self, iteration: int) -> bool:
         return self.interval > 0 and iteration > 0 and iteration % self.interval == 0
@@ -153,13 +162,9 @@ class AudioEvalHook:
 
     def __call__(self, iteration: int) -> Optional[dict]:
         """Runs the evaluation on every rank; the writer rank returns (and logs) its row."""
-        from megatron.core.utils import unwrap_model
-
         from megatron_ualm.inference import Turn, UALM
 
-        if self.model is None:
-            raise RuntimeError("the audio evaluation hook has no model: install() wraps Megatron's get_model")
-        model = unwrap_model(self.model[0])
+        model = self.model
         start = time.perf_counter()
         ids = list(self.prompts)
         with preserved_rng(), eval_mode(model):
@@ -190,10 +195,9 @@ class AudioEvalHook:
         from megatron.training import get_tensorboard_writer, get_wandb_writer
 
         from megatron_ualm.inference import write_wav
-        from megatron_ualm.training.loop import append_metrics
 
         if self.args.save:
-            folder = os.path.join(self.args.save, "eval_audio", f"iter_{iteration:07d}")
+            folder = os.path.join(self.args.save, "eval_audio", iteration_folder(iteration))
             for i, w in waves.items():
                 if w.size:
                     write_wav(os.path.join(folder, f"{i}.wav"), w, rate)
@@ -218,38 +222,23 @@ class AudioEvalHook:
         print(f" [UALM eval] iteration {iteration:8d} | {len(waves)} clips{clap} | {row['eval_seconds']:.1f} s", flush=True)
 
 
-def install(args) -> Optional[AudioEvalHook]:
-    """Hooks the audio evaluation into Megatron's loop when ``--eval-audio-interval`` is set.
+class AudioEvalDuringTraining(TrainingExtension):
+    """The training-loop extension: flags, their checks, and the evaluation after due steps."""
 
-    Wraps ``megatron.training.training.get_model`` (to keep the model chunks it builds) and
-    ``training_log`` (called on every rank after each iteration's step: the hook runs there,
-    before the iteration's log line). Returns the hook, or None when the flag is off.
-    """
-    if not getattr(args, "eval_audio_interval", 0):
-        return None
-    from megatron.training import training as mtraining
+    def __init__(self) -> None:
+        self.hook: Optional[AudioEvalHook] = None
 
-    from megatron_ualm.compat import megatron_fixes
+    def add_args(self, parser: argparse.ArgumentParser) -> None:
+        add_args(parser)
 
-    hook = AudioEvalHook(args)
+    def check_args(self, args: argparse.Namespace) -> None:
+        check_args(args)
 
-    def keep_model(get_model):
-        def get_model_and_keep(*a, **kw):
-            model = get_model(*a, **kw)
-            if hook.model is None:  # the training model (the loop builds it first)
-                hook.model = model
-            return model
-
-        return get_model_and_keep
-
-    def eval_then_log(training_log):
-        def training_log_then_eval(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs):
-            if hook.due(iteration):
-                hook(iteration)
-            return training_log(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs)
-
-        return training_log_then_eval
-
-    megatron_fixes.wrap_once(mtraining, "get_model", keep_model)
-    megatron_fixes.wrap_once(mtraining, "training_log", eval_then_log, stack=True)  # over the UALM log line
-    return hook
+    def after_step(self, ctx: RunContext, iteration: int) -> None:
+        """Evaluates every ``--eval-audio-interval`` iterations (on every rank: decoding is collective)."""
+        if not ctx.args.eval_audio_interval:
+            return
+        if self.hook is None:
+            self.hook = AudioEvalHook(ctx.args, ctx.model_chunks[0])
+        if self.hook.due(iteration):
+            self.hook(iteration)

@@ -12,18 +12,11 @@ import math
 import os
 from typing import Optional, Sequence
 
+from megatron_ualm.files import atomic_file, atomic_json, atomic_write
+
 # The paper's text-to-audio columns, in its order (Table 8), then the extras this harness adds.
 PAPER_COLUMNS = ("FD", "KL", "IS", "CL", "AES")
 EXTRA_COLUMNS = ("FD_panns", "FD_clap", "AES_CE", "AES_CU", "AES_PC", "AES_PQ")
-
-
-def _atomic_write(path: str, text: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
 
 
 def _fmt(v) -> str:
@@ -69,19 +62,17 @@ def write_reports(out_dir: str, name: str, results: dict, rows: Sequence[dict], 
         ``{"json": path, "markdown": path, "csv": path}``.
     """
     paths = {
-        "json": _atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2, default=float) + "\n"),
-        "markdown": _atomic_write(os.path.join(out_dir, "results.md"),
-                                  markdown_table({name: table_metrics or results.get("metrics", {})}, columns)),
+        "json": atomic_json(os.path.join(out_dir, "results.json"), results, indent=2, default=float),
+        "markdown": atomic_write(os.path.join(out_dir, "results.md"),
+                                 markdown_table({name: table_metrics or results.get("metrics", {})}, columns)),
     }
     fields: list[str] = []
     for r in rows:
         fields.extend(k for k in r if k not in fields)
-    tmp = os.path.join(out_dir, f"samples.csv.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
+    paths["csv"] = os.path.join(out_dir, "samples.csv")
+    with atomic_file(paths["csv"]) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
             w.writerow({k: (json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v) for k, v in r.items()})
-    os.replace(tmp, os.path.join(out_dir, "samples.csv"))
-    paths["csv"] = os.path.join(out_dir, "samples.csv")
     return paths

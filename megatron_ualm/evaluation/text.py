@@ -91,10 +91,10 @@ def final_answer(text: str) -> Optional[str]:
 
 def read_gsm8k(path: str) -> list[dict]:
     """GSM8K-format records ``{"question", "answer"}`` (the gold number after ``####``)."""
-    from megatron_ualm.evaluation.jsonl import read_records
+    from megatron_ualm.files import read_jsonl
 
     out = []
-    for n, rec in read_records(path):
+    for n, rec in read_jsonl(path):
         if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
             raise ValueError(f'{path}:{n}: needs a "question" string')
         gold = final_answer(str(rec.get("answer", "")))

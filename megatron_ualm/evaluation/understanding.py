@@ -109,7 +109,7 @@ def parse_choice(response: str, choices: Sequence[str]) -> Optional[int]:
 
 def read_records(path: str) -> list[MCRecord]:
     """MMAU / MMAR-format records from a JSONL (or a JSON list) file; errors name file, line, field."""
-    from megatron_ualm.evaluation.jsonl import read_records as read_jsonl
+    from megatron_ualm.files import read_jsonl
 
     folder = os.path.dirname(os.path.abspath(path))
     items = read_jsonl(path)

@@ -1,6 +1,7 @@
-"""Loading a model for generation and evaluation from a Megatron distributed checkpoint.
+"""Loading a model for generation, evaluation and the post-training data tools from a Megatron
+distributed checkpoint; the command-line flags that name that model.
 
-The checkpoint describes its own model (``megatron_ualm.model_record``): ``load_model`` builds
+The checkpoint describes its own model (``megatron_ualm.checkpoint_format``): ``load_model`` builds
 this rank's stage from the record at the current TP / PP and loads the weights, which
 ``dist_checkpointing`` reshards from whatever TP / PP they were saved at.
 """
@@ -13,7 +14,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_ualm.errors import CheckpointError
-from megatron_ualm.model_record import check_tokenizer, config_from_checkpoint, read_record, resolve_checkpoint
+from megatron_ualm.checkpoint_format import check_tokenizer, config_from_checkpoint, read_description, resolve_checkpoint
 
 
 def load_checkpoint(model, path: str) -> None:
@@ -56,7 +57,7 @@ def load_model(path: str, *, flavor: Optional[str] = None, tokenizer=None, bf16:
 
     from megatron_ualm import api
 
-    record = read_record(path)
+    record = read_description(path)
     if tokenizer is not None:
         check_tokenizer(record, tokenizer.identity(), path, str(getattr(tokenizer, "path", tokenizer)))
     fields = dict(
@@ -118,3 +119,56 @@ def load_ualm(*, tokenizer: str, load: Optional[str] = None, flavor: Optional[st
     decoder = CodecDecoder.load(codec, codec_name, device=device) if codec else None
     hook = load_upsampler(upsampler, upsampler_path, device=device) if upsampler else None
     return UALM(model, text, decoder, hook)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line tools that decode (evaluate, the post-training data builders).
+
+def is_writer() -> bool:
+    """Global rank 0 (or no process group)."""
+    import torch
+
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def add_model_args(parser) -> None:
+    """The flags that name the model and how it runs (shared by the subcommands that decode)."""
+    g = parser.add_argument_group("model (evaluated by decoding; launch with torchrun for TP / PP)")
+    g.add_argument("--load", help="Megatron checkpoint (a --save root or one iter_*/release dir); it describes its model")
+    g.add_argument("--flavor", help="model flavor: required with --random-init, checked against --load otherwise")
+    g.add_argument("--random-init", action="store_true", help="a randomly initialised model (smoke tests)")
+    g.add_argument("--tokenizer", help="tokenizer.json, a folder holding one, or a sentencepiece .model")
+    g.add_argument("--codec", help="local X-Codec folder (decodes generated audio)")
+    g.add_argument("--codec-name", default="xcodec", help="codec registry name or package.module:ClassName")
+    g.add_argument("--audio-encoder-path", help="local folder of the audio encoder's weights")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def check_model_args(parser, args, need_codec: bool = False) -> None:
+    """Refuses incomplete model flags at argument parsing."""
+    if not args.load and not args.random_init:
+        parser.error("give --load CHECKPOINT (or --random-init --flavor NAME for a smoke test)")
+    if args.random_init and not args.flavor:
+        parser.error("--random-init needs --flavor")
+    if not args.tokenizer:
+        parser.error("decoding needs --tokenizer")
+    if need_codec and not args.codec:
+        parser.error("generating audio to evaluate needs --codec (the X-Codec that decodes the codes)")
+
+
+def build_ualm(args):
+    """Initialises model parallelism and returns a ``UALM`` (model + tokenizer + codec) in eval mode."""
+    from megatron_ualm import api
+    from megatron_ualm.vocab import VocabMismatch
+
+    api.initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
+    try:
+        return load_ualm(tokenizer=args.tokenizer, load=args.load, flavor=args.flavor,
+                         codec=getattr(args, "codec", None), codec_name=getattr(args, "codec_name", "xcodec"),
+                         bf16=args.bf16, audio_encoder_path=args.audio_encoder_path)
+    except (CheckpointError, VocabMismatch) as err:
+        raise SystemExit(f"error: {err}") from None

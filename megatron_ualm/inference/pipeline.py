@@ -24,7 +24,7 @@ import torch
 
 from megatron_ualm.data.sequence import Message
 from megatron_ualm.inference.audio import AudioListener, CodecDecoder, Upsampler
-from megatron_ualm.inference.generator import Generation, GenerationParams, Generator
+from megatron_ualm.inference.decoding import Generation, GenerationParams, Generator
 from megatron_ualm.inference.prompt import Prompt, build_prompt
 
 

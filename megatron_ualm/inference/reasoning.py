@@ -23,31 +23,10 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_ualm.data.instructions import ReasoningPrompts
 from megatron_ualm.inference.audio import write_wav
-from megatron_ualm.inference.generator import GenerationParams
+from megatron_ualm.inference.decoding import GenerationParams
 from megatron_ualm.inference.pipeline import UALM, Reply, Turn
-
-
-@dataclass(frozen=True)
-class ReasoningPrompts:
-    """The instructions the loops send (system and user messages)."""
-
-    enrichment: str = (
-        "Before generating audio, write a rich caption with three parts: Keywords (the "
-        "acoustic events), Layout (their temporal order), Description (acoustic detail of "
-        "each event). Then generate the audio."
-    )
-    dialogue: str = (
-        "If the request is ambiguous, ask the user one question at a time. When you know "
-        "enough, write a rich caption (Keywords, Layout, Description) and generate the audio."
-    )
-    listen: str = "Describe this audio in detail: the sound events, their order and their character."
-    critique: str = (
-        "This is what your audio sounds like: {caption}\n"
-        "Compare it with your plan. Say what is missing or wrong and how to fix it."
-    )
-    refine: str = "Generate the refined audio."
-    no_answer: str = "No preference, decide yourself."
 
 
 def split_rich_caption(text: str) -> dict:

@@ -55,12 +55,15 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+
+from megatron_ualm.compat import quiet
+from megatron_ualm.files import atomic_write, jsonl_text
+from megatron_ualm.posttraining import jobs
+from megatron_ualm.progress import progress_bar
 
 MODES = ("audio", "plan", "text")
 AES_AXES = ("aes_ce", "aes_cu", "aes_pc", "aes_pq")
@@ -237,34 +240,6 @@ def _prompt_turns(rec: Any, mode: str, instructions: Mapping[str, str]) -> list:
     return turns
 
 
-def _audio_path(turn, root: str) -> tuple[str, Optional[float], Optional[float]]:
-    from megatron_ualm.data.errors import RecordError
-
-    value, start, end = turn.audio, turn.start, turn.end
-    if isinstance(value, dict):
-        value, start, end = value.get("path"), value.get("start", start), value.get("end", end)
-    if not isinstance(value, str) or not value:
-        raise RecordError("must be an audio file path (or {\"path\", \"start\", \"end\"})", turn.field)
-    path = value if os.path.isabs(value) else os.path.abspath(os.path.join(root, value))
-    if not os.path.isfile(path):
-        raise RecordError(f"audio file {path} does not exist (relative paths resolve against --audio-root, default "
-                          "the prompt file's directory)", turn.field)
-    return path, start, end
-
-
-def check_codes(value: Any, field: str) -> Any:
-    """Returns ``value`` if it is a ``[K][T]`` list of integer lists (T > 0), else raises ``RecordError``."""
-    from megatron_ualm.data.errors import RecordError
-
-    try:
-        codes = np.asarray(value)
-    except ValueError:  # ragged rows
-        codes = None
-    if codes is None or codes.ndim != 2 or codes.dtype.kind not in "iu" or codes.shape[1] == 0:
-        raise RecordError("must be a K x T list of integer lists (equal-length rows, T > 0)", field)
-    return value
-
-
 def manifest_message(turn, root: str) -> dict:
     """A prompt turn as a chat manifest message (audio paths made absolute)."""
     from megatron_ualm.data.errors import RecordError
@@ -273,66 +248,14 @@ def manifest_message(turn, root: str) -> dict:
     if turn.text is not None:
         msg["content"] = turn.text
     elif turn.codes is not None:
-        msg["codes"] = check_codes(turn.codes, turn.field)
+        msg["codes"] = jobs.check_codes(turn.codes, turn.field)
     else:
         if turn.role == "assistant":
             raise RecordError("is assistant audio from a file; give a prompt's earlier audio out as codes", turn.field)
-        path, start, end = _audio_path(turn, root)
+        path, start, end = jobs.audio_path(turn, root)
         msg["audio"] = path
         msg.update({k: v for k, v in (("start", start), ("end", end)) if v is not None})
     return msg
-
-
-def inference_turn(turn, root: str, audio_decoder: str = "soundfile"):
-    """A prompt turn as an ``inference.Turn`` (audio in decoded at 16 kHz)."""
-    import torch
-
-    from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, load_audio
-    from megatron_ualm.inference import Turn
-
-    if turn.text is not None:
-        return Turn(turn.role, text=turn.text)
-    if turn.codes is not None:
-        return Turn(turn.role, codes=torch.as_tensor(turn.codes, dtype=torch.long))
-    path, start, end = _audio_path(turn, root)
-    wave = load_audio(path, AUDIO_IN_SAMPLE_RATE, start, end, turn.field, audio_decoder)
-    return Turn(turn.role, audio=wave, sample_rate=AUDIO_IN_SAMPLE_RATE)
-
-
-def read_inputs(paths: Sequence[str], audio_root: Optional[str], parse: Callable[[dict, str], Any]) -> list[tuple]:
-    """``(index, id, "file:line", audio root, parse(record, root))`` of every record of the JSONL files.
-
-    Args:
-        paths: the files, read in order.
-        audio_root: where relative audio paths resolve (default: each file's folder).
-        parse: checks one record (a dict) and returns what the caller keeps; raises ``RecordError``.
-
-    Raises:
-        ValueError: a bad record (``file:line``, field, reason), an id given twice, or no records.
-    """
-    from megatron_ualm.data.errors import RecordError
-    from megatron_ualm.evaluation.jsonl import read_records
-
-    out: list[tuple] = []
-    seen: dict[str, str] = {}
-    for path in paths:
-        root = audio_root or os.path.dirname(os.path.abspath(path))
-        for line, rec in read_records(path):
-            where = f"{path}:{line}"
-            try:
-                if not isinstance(rec, dict):
-                    raise RecordError(f"a record must be a JSON object, got {type(rec).__name__}")
-                value = parse(rec, root)
-            except RecordError as err:
-                raise ValueError(str(err.at(where))) from None
-            rid = str(rec.get("id", f"{len(out):06d}"))
-            if rid in seen:
-                raise ValueError(f"{where}: id {rid!r} is also the id of {seen[rid]}; give every record its own id")
-            seen[rid] = where
-            out.append((len(out), rid, where, root, value))
-    if not out:
-        raise ValueError(f"{', '.join(paths)}: no records")
-    return out
 
 
 def read_prompts(paths: Sequence[str], mode: str, audio_root: Optional[str] = None) -> list[PromptRecord]:
@@ -365,300 +288,12 @@ def read_prompts(paths: Sequence[str], mode: str, audio_root: Optional[str] = No
         return turns, messages, score_text
 
     return [PromptRecord(i, rid, where, turns, messages, score_text, root)
-            for i, rid, where, root, (turns, messages, score_text) in read_inputs(paths, audio_root, parse)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Files: atomic writes, the completion journal, the run's settings.
-
-def atomic_write(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary name (a reader never sees half a file)."""
-    tmp = f"{path}.{os.getpid()}.partial"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def jsonl_text(records: Sequence[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
-def write_jsonl(path: str, records: Sequence[dict]) -> None:
-    atomic_write(path, jsonl_text(records))
-
-
-def save_codes(path: str, codes: Mapping[str, np.ndarray]) -> str:
-    """Saves ``{name: [K, T] codes}`` as ``.npz`` (temporary name, rename); returns the path."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.partial.npz"
-    np.savez_compressed(tmp, **{k: np.asarray(v, dtype=np.int32) for k, v in codes.items()})
-    os.replace(tmp, path)
-    return path
-
-
-def save_wav(path: str, wave: np.ndarray, sample_rate: int) -> None:
-    from megatron_ualm.inference.audio import write_wav
-
-    tmp = f"{path[:-4]}.{os.getpid()}.partial.wav"
-    write_wav(tmp, wave, sample_rate)
-    os.replace(tmp, path)
-
-
-class Journal:
-    """An append-only JSON Lines file of completion records, one line per finished item.
-
-    Each line goes out in one write and is flushed to disk before the next item starts, so a
-    kill leaves at most a torn last line; ``repair`` cuts it off before appending again.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def repair(self) -> None:
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, "rb+") as f:
-            data = f.read()
-            end = data.rfind(b"\n") + 1
-            if end < len(data):
-                f.truncate(end)
-
-    def append(self, record: dict) -> None:
-        with open(self.path, "ab") as f:
-            f.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def journal_path(out: str, stem: str, task) -> str:
-    """``<stem>.jsonl`` for a one-task run, ``<stem>.task-IIIII-of-NNNNN.jsonl`` per task otherwise."""
-    return os.path.join(out, f"{stem}.jsonl" if task.count == 1 else f"{stem}.{task.tag}.jsonl")
-
-
-def read_journals(out: str, stem: str) -> dict[int, dict]:
-    """``{index: record}`` over every journal of ``stem`` in ``out`` (any task split).
-
-    A torn last line (a kill mid-write, or a task still writing) is ignored.
-
-    Raises:
-        ValueError: a damaged line before the last.
-    """
-    pattern = re.compile(rf"^{re.escape(stem)}(\.task-\d+-of-\d+)?\.jsonl$")
-    found: dict[int, dict] = {}
-    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-        if not pattern.match(name):
-            continue
-        path = os.path.join(out, name)
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
-        for n, line in enumerate(lines[:-1], 1):  # the piece after the last newline is torn or empty
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                raise ValueError(f"{path}:{n} is not a complete record (the file was edited or damaged); delete that "
-                                 "line and rerun to redo its item") from None
-            found.setdefault(int(rec["index"]), rec)
-    return found
-
-
-def check_run(out: str, settings: dict, name: str = "run.json", started: bool = True) -> None:
-    """Records the run's settings in ``<out>/<name>``, or refuses settings that differ from it.
-
-    Args:
-        started: whether ``out`` holds finished work of these settings; without any, other
-            settings replace the recorded ones (a run refused before its first item, e.g. by a
-            wrong tokenizer, does not lock the folder).
-    """
-    path = os.path.join(out, name)
-    os.makedirs(out, exist_ok=True)
-    settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    if os.path.isfile(path):
-        with open(path) as f:
-            blob = json.load(f)
-        if blob.get("key") != key and started:
-            old = blob.get("settings", {})
-            differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ValueError(f"--out {out} holds a run with other settings ({', '.join(differ)} differ; see {path}); "
-                             "rerun with the same settings to resume, or write to a new --out")
-        if blob.get("key") == key:
-            return
-    atomic_write(path, json.dumps({"key": key, "settings": settings}, indent=1, sort_keys=True))
-
-
-def model_identity(args) -> dict:
-    """What fixes the model's outputs: checkpoint (resolved iteration), tokenizer, codec, decoding."""
-    from megatron_ualm.data.tokenizer import TextTokenizer
-    from megatron_ualm.errors import CheckpointError
-    from megatron_ualm.model_record import resolve_checkpoint
-
-    try:
-        load = os.path.abspath(resolve_checkpoint(args.load)) if args.load else None
-    except CheckpointError as err:
-        raise ValueError(str(err)) from None
-    decoding = {k: getattr(args, k) for k in DECODING_FLAGS}
-    return dict(load=load, random_init=None if load else f"{args.flavor}:{args.seed}",
-                tokenizer=TextTokenizer(args.tokenizer).sha256,
-                codec=os.path.abspath(args.codec) if args.codec else None, codec_name=args.codec_name,
-                bf16=args.bf16, batch_size=args.batch_size, seed=args.seed, decoding=decoding)
+            for i, rid, where, root, (turns, messages, score_text) in jobs.read_inputs(paths, audio_root, parse)]
 
 
 def records_digest(records: Sequence[PromptRecord]) -> str:
     blob = json.dumps([(r.id, r.messages, r.score_text) for r in records], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------
-# The launch: model-parallel groups, tasks, the writer.
-
-@dataclass
-class Launch:
-    """This process's place in the run.
-
-    Attributes:
-        task: the share of the groups this data-parallel replica decodes.
-        tasks: the shares of every replica of this launch.
-        writer: the first rank of its model-parallel group (scores and writes).
-        rank: global rank.
-    """
-
-    task: Any
-    tasks: list
-    writer: bool
-    rank: int
-
-
-def start_launch(args) -> Launch:
-    """Initialises TP / PP (and data-parallel replicas) and this replica's task.
-
-    The outer split comes from ``--num-tasks`` / ``--task-index`` or a Slurm array (not from
-    ``RANK`` / ``SLURM_PROCID``: those are this launch's model ranks); each data-parallel
-    replica is one task of it.
-    """
-    import torch
-    from megatron.core import parallel_state
-
-    from megatron_ualm import api
-    from megatron_ualm.data.tasks import Task
-
-    api.initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
-    outer = args.outer_task
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    tasks = [Task(outer.index * dp + r, outer.count * dp, f"{outer}, data-parallel replica {r} of {dp}")
-             for r in range(dp)]
-    writer = (parallel_state.get_tensor_model_parallel_rank() == 0
-              and parallel_state.get_pipeline_model_parallel_rank() == 0)
-    return Launch(tasks[dp_rank], tasks, writer, torch.distributed.get_rank())
-
-
-def broadcast(obj):
-    """``obj`` of global rank 0 on every rank."""
-    import torch
-
-    holder = [obj]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def journals_on_every_rank(out: str, stem: str) -> dict[int, dict]:
-    """``read_journals`` once every rank got here (all writes done), read by rank 0, on every rank."""
-    import torch
-
-    torch.distributed.barrier()
-    return broadcast(read_journals(out, stem) if torch.distributed.get_rank() == 0 else None)
-
-
-def done_items(launch: Launch, out: str, stem: str) -> set[int]:
-    """The finished items (every rank agrees): writers cut their torn lines, rank 0 reads."""
-    if launch.writer:
-        Journal(journal_path(out, stem, launch.task)).repair()
-    return set(journals_on_every_rank(out, stem))
-
-
-def task_groups(num_items: int, batch_size: int, task, done: set) -> list[tuple[int, list[int]]]:
-    """``(group number, item indices)`` of ``task`` with an unfinished item (group k: task k mod N)."""
-    out = []
-    for k, start in enumerate(range(0, num_items, batch_size)):
-        items = list(range(start, min(start + batch_size, num_items)))
-        if k % task.count == task.index and any(i not in done for i in items):
-            out.append((k, items))
-    return out
-
-
-def task_items(num_items: int, batch_size: int, task) -> int:
-    """How many items ``task`` owns in all."""
-    return sum(len(g) for _, g in task_groups(num_items, batch_size, task, set()))
-
-
-def progress(total: int, done: int, desc: str, enabled: bool):
-    """A progress bar over ``total`` items of which ``done`` are finished (count, rate, ETA)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, desc=desc, unit="prompt", disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command-line pieces shared with the reflection builder.
-
-DECODING_FLAGS = ("cfg_weight", "no_cfg", "audio_temperature", "audio_top_k", "text_temperature", "text_top_p",
-                  "max_new_tokens", "max_audio_seconds", "min_audio_seconds")
-
-
-def add_decoding_args(parser: argparse.ArgumentParser, text_temperature: float, min_audio_seconds: float) -> None:
-    d = parser.add_argument_group("decoding (audio: the paper's settings)")
-    d.add_argument("--cfg-weight", type=float, default=3.0, help="classifier-free guidance weight for audio (paper: 3)")
-    d.add_argument("--no-cfg", action="store_true", help="no unconditional stream")
-    d.add_argument("--audio-temperature", type=float, default=0.8, help="codebook temperature (paper: 0.8)")
-    d.add_argument("--audio-top-k", type=int, default=20, help="codebook top-k (paper: 20)")
-    d.add_argument("--text-temperature", type=float, default=text_temperature,
-                   help=f"text temperature, 0 = greedy (default {text_temperature:g})")
-    d.add_argument("--text-top-p", type=float, default=0.95, help="text nucleus mass")
-    d.add_argument("--max-new-tokens", type=int, default=256, help="text ids per text message")
-    d.add_argument("--max-audio-seconds", type=float, default=10.0, help="longest audio message")
-    d.add_argument("--min-audio-seconds", type=float, default=min_audio_seconds,
-                   help=f"the model may end audio only after this (default {min_audio_seconds:g})")
-
-
-def check_decoding_args(parser: argparse.ArgumentParser, args) -> None:
-    if not 0 <= args.min_audio_seconds <= args.max_audio_seconds or args.max_audio_seconds <= 0:
-        parser.error("give 0 <= --min-audio-seconds <= --max-audio-seconds, --max-audio-seconds > 0")
-    if args.max_new_tokens < 1 or args.text_temperature < 0 or args.audio_temperature < 0:
-        parser.error("--max-new-tokens must be >= 1 and the temperatures >= 0")
-
-
-def decoding_params(args, seed: int):
-    """``GenerationParams`` of the flags, sampling seeded with ``seed``."""
-    from megatron_ualm.inference import GenerationParams, SamplingParams
-
-    return GenerationParams(
-        text=SamplingParams(args.text_temperature, 0, args.text_top_p),
-        audio=SamplingParams(args.audio_temperature, args.audio_top_k, 1.0),
-        cfg_weight=None if args.no_cfg else args.cfg_weight, max_new_tokens=args.max_new_tokens,
-        max_audio_seconds=args.max_audio_seconds, min_audio_seconds=args.min_audio_seconds, seed=seed)
-
-
-def add_task_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group(
-        "tasks", "Split the work across launches writing into the same --out (Slurm array tasks: the defaults "
-                 "come from SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID); data-parallel replicas of one launch "
-                 "split each task further. Group k of --batch-size prompts (records) goes to task k mod N.")
-    g.add_argument("--num-tasks", type=int, metavar="N", help="number of tasks (default: the Slurm array's, else 1)")
-    g.add_argument("--task-index", type=int, metavar="I", help="this task, 0..N-1 (default: the Slurm array's, else 0)")
-
-
-def resolve_outer_task(parser: argparse.ArgumentParser, args) -> None:
-    from megatron_ualm.data.tasks import TaskError, resolve_task
-
-    array_env = {k: v for k, v in os.environ.items() if k.startswith("SLURM_ARRAY_")}
-    try:
-        args.outer_task = resolve_task(args.num_tasks, args.task_index, array_env)
-    except TaskError as err:
-        parser.error(str(err))
 
 
 def parse_assignments(parser: argparse.ArgumentParser, items: Sequence[str], flag: str) -> dict[str, float]:
@@ -673,18 +308,6 @@ def parse_assignments(parser: argparse.ArgumentParser, items: Sequence[str], fla
         if not name:
             parser.error(f"{flag} {item!r}: give METRIC=NUMBER, e.g. clap=1.5")
     return out
-
-
-def scorer_device() -> str:
-    import torch
-
-    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-
-
-def fail(message: str) -> "SystemExit":
-    """Prints ``error: message`` and returns the exit (status 2, as the data tools' user errors)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return SystemExit(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -781,13 +404,13 @@ def journal_record(record: PromptRecord, cands: Sequence[Candidate], scores: Seq
             codes[f"c{c}"] = cand.codes.cpu().numpy()
             if audio_format == "wav":
                 e["audio"] = f"audio/{name}_{c}.wav"
-                save_wav(os.path.join(out, e["audio"]), cand.wave, cand.rate)
+                jobs.save_wav(os.path.join(out, e["audio"]), cand.wave, cand.rate)
         if s is not None:
             e["scores"] = s
         entries.append(e)
     rec = {"index": record.index, "id": record.id, "candidates": entries}
     if codes:
-        rec["codes"] = os.path.relpath(save_codes(os.path.join(out, "codes", f"{name}.npz"), codes), out)
+        rec["codes"] = os.path.relpath(jobs.save_codes(os.path.join(out, "codes", f"{name}.npz"), codes), out)
     return rec
 
 
@@ -817,7 +440,7 @@ def _same(mode: str, entry_a: dict, entry_b: dict, a: int, b: int, codes) -> boo
 def finalize(out: str, records: Sequence[PromptRecord], mode: str, rule: PairRule) -> Optional[dict]:
     """Applies the rule to every prompt and writes the manifests, or returns None while prompts
     are unfinished. Returns the summary."""
-    journal = read_journals(out, JOURNAL)
+    journal = jobs.read_journals(out, JOURNAL)
     if any(r.index not in journal for r in records):
         return None
     for r in records:
@@ -861,9 +484,8 @@ def finalize(out: str, records: Sequence[PromptRecord], mode: str, rule: PairRul
         "metrics": {m: {"mean": mu, "std": sd, "weight": rule.weight(m)} for m, (mu, sd) in stats.items()},
         "min_margin": rule.min_margin, "min_chosen_score": dict(rule.min_chosen),
     }
-    write_jsonl(os.path.join(out, "pairs.jsonl"), pairs)
-    write_jsonl(os.path.join(out, "adaptation.jsonl"), adaptation)
-    write_jsonl(os.path.join(out, "skipped.jsonl"), skipped)
+    for name, rows in (("pairs", pairs), ("adaptation", adaptation), ("skipped", skipped)):
+        atomic_write(os.path.join(out, f"{name}.jsonl"), jsonl_text(rows))
     atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
     return summary
 
@@ -878,7 +500,7 @@ def describe(summary: dict, out: str) -> str:
 # The command.
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    from megatron_ualm.evaluation.runner import add_model_args, check_model_args
+    from megatron_ualm.inference.checkpoint import add_model_args, check_model_args
 
     p = argparse.ArgumentParser(prog="make_preference_pairs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -912,11 +534,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     s.add_argument("--min-chosen-score", action="append", default=[], metavar="METRIC=V",
                    help="skip a prompt whose chosen candidate scores below V on METRIC (raw) or 'combined' (repeatable)")
     add_model_args(p)
-    add_decoding_args(p, text_temperature=0.8, min_audio_seconds=1.0)
-    add_task_args(p)
+    jobs.add_decoding_args(p, text_temperature=0.8, min_audio_seconds=1.0)
+    jobs.add_task_args(p)
     args = p.parse_args(argv)
     check_model_args(p, args, need_codec=args.mode != "text")
-    check_decoding_args(p, args)
+    jobs.check_decoding_args(p, args)
     if args.num_candidates < 2:
         p.error("--num-candidates must be >= 2 (a pair needs two responses)")
     if args.batch_size < 1:
@@ -935,7 +557,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"{flag} {path} does not exist")
     args.rule = PairRule(parse_assignments(p, args.weight, "--weight"), args.min_margin,
                          parse_assignments(p, args.min_chosen_score, "--min-chosen-score"))
-    resolve_outer_task(p, args)
+    jobs.resolve_outer_task(p, args)
     return args
 
 
@@ -944,48 +566,49 @@ def run(args) -> None:
     from megatron_ualm import api
 
     records = read_prompts(args.prompts, args.mode, args.audio_root)
-    check_run(args.out, dict(mode=args.mode, num_candidates=args.num_candidates, audio_format=args.audio_format,
-                             scorers=args.scorers, prompts=records_digest(records), model=model_identity(args)),
-              started=bool(read_journals(args.out, JOURNAL)))
-    launch = start_launch(args)
-    done = done_items(launch, args.out, JOURNAL)
+    jobs.check_run(args.out, dict(mode=args.mode, num_candidates=args.num_candidates, audio_format=args.audio_format,
+                             scorers=args.scorers, prompts=records_digest(records), model=jobs.model_identity(args)),
+              started=bool(jobs.read_journals(args.out, JOURNAL)))
+    launch = jobs.start_launch(args)
+    done = jobs.done_items(launch, args.out, JOURNAL)
     n = len(records)
-    if any(task_groups(n, args.batch_size, t, done) for t in launch.tasks):
+    if any(jobs.task_groups(n, args.batch_size, t, done) for t in launch.tasks):
         _decode(args, launch, records, done)
-    if launch.writer and (launch.rank == 0 or task_groups(n, args.batch_size, launch.task, done)):
+    if launch.writer and (launch.rank == 0 or jobs.task_groups(n, args.batch_size, launch.task, done)):
         summary = finalize(args.out, records, args.mode, args.rule)
         if summary is not None:
             print(describe(summary, args.out), flush=True)
         elif launch.rank == 0:
-            left = n - len(read_journals(args.out, JOURNAL))
+            left = n - len(jobs.read_journals(args.out, JOURNAL))
             print(f"this launch's prompts are done; {left} prompt(s) of other tasks remain: the manifests are written "
                   "when the last task finishes (rerun any task to write them)", flush=True)
     api.destroy_parallel()
 
 
-def _decode(args, launch: Launch, records: Sequence[PromptRecord], done: set) -> None:
-    from megatron_ualm.evaluation.runner import build_ualm
+def _decode(args, launch: jobs.Launch, records: Sequence[PromptRecord], done: set) -> None:
+    from megatron_ualm.inference.checkpoint import build_ualm
     from megatron_ualm.evaluation.scorers import load_scorer
 
-    scorers = [load_scorer(spec, path, args.scorer_device or scorer_device()) for spec, path in args.scorers] \
+    scorers = [load_scorer(spec, path, args.scorer_device or jobs.scorer_device()) for spec, path in args.scorers] \
         if launch.writer else []  # before the model: a wrong scorer fails fast
     if args.mode == "text" and any(not s.needs_text for s in scorers):
-        raise fail(f"--mode text ranks replies by how well they match the prompt's audio; scorer(s) "
+        raise jobs.fail(f"--mode text ranks replies by how well they match the prompt's audio; scorer(s) "
                    f"{', '.join(s.name for s in scorers if not s.needs_text)} do not read text")
     ualm = build_ualm(args)  # every replica loads (checkpoint loading is collective)
-    journal = Journal(journal_path(args.out, JOURNAL, launch.task))
-    groups = task_groups(len(records), args.batch_size, launch.task, done)
-    total = task_items(len(records), args.batch_size, launch.task)
+    journal = jobs.Journal(jobs.journal_path(args.out, JOURNAL, launch.task))
+    groups = jobs.task_groups(len(records), args.batch_size, launch.task, done)
+    total = jobs.task_items(len(records), args.batch_size, launch.task)
     left = sum(i not in done for _, g in groups for i in g)
-    with progress(total, total - left, f"pairs ({launch.task.tag})", launch.rank == 0 and not args.no_progress) as bar:
+    with progress_bar(total, f"pairs ({launch.task.tag})", "prompt", launch.rank == 0 and not args.no_progress,
+                      initial=total - left) as bar:
         for k, items in groups:
             group = [records[i] for i in items]
-            conversations = [[inference_turn(t, r.root) for t in r.turns] for r in group]
+            conversations = [[jobs.inference_turn(t, r.root) for t in r.turns] for r in group]
             try:
                 cands = generate_candidates(ualm, conversations, args.num_candidates, args.mode,
-                                            decoding_params(args, args.seed + k))
+                                            jobs.decoding_params(args, args.seed + k))
             except ValueError as err:  # e.g. prompt + reply longer than the model's sequence
-                raise fail(f"{group[0].source}: {err}") from None
+                raise jobs.fail(f"{group[0].source}: {err}") from None
             if launch.writer:
                 prompt_audio = [next((t.audio for t in reversed(c) if t.audio is not None), None) for c in conversations]
                 scores = score_group(scorers, group, cands, args.mode, prompt_audio)
@@ -999,10 +622,11 @@ def make_preference_pairs_main(argv: Optional[Sequence[str]] = None) -> int:
     """``tools/make_preference_pairs.py`` / ``ualm-make-preference-pairs``."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     args = parse_args(argv)
+    quiet.install()
     try:
         run(args)
     except ValueError as err:
-        raise fail(str(err)) from None
+        raise jobs.fail(str(err)) from None
     return 0
 
 

@@ -16,8 +16,8 @@ renamed), so a store is complete when its ``reference.json`` exists. A resumed r
 virtual stages, no gradients, not in the optimizer or the checkpoints) and scores each
 step's micro-batches, forward only, before the policy's step.
 
-Both attach ``[P, 2, 1 + K]`` tensors to the ``PairBatch`` objects of a step; they are
-installed around Megatron's schedule (``install``), which every train and eval step calls.
+Both attach ``[P, 2, 1 + K]`` tensors to the ``PairBatch`` objects of a step, before Megatron's
+schedule runs (``posttraining.dpo_training.ReferenceLogProbs``, a training-loop extension).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_ualm.posttraining.dpo import score_batches
+from megatron_ualm.files import atomic_file, atomic_json
+from megatron_ualm.posttraining.dpo_loss import score_batches
 
 STORE_FORMAT = "ualm-reference-logps"
 STORE_VERSION = 1
@@ -98,14 +99,9 @@ class ReferenceStore:
         """Writes the arrays, then ``reference.json`` (each atomically)."""
         os.makedirs(directory, exist_ok=True)
         for shard, array in zip(meta["shards"], arrays):
-            target = os.path.join(directory, shard["file"])
-            tmp = f"{target}.{os.getpid()}.tmp.npy"
-            np.save(tmp, np.asarray(array, dtype=np.float32))
-            os.replace(tmp, target)
-        target = os.path.join(directory, STORE_META)
-        with open(target + ".tmp", "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(target + ".tmp", target)
+            with atomic_file(os.path.join(directory, shard["file"])) as tmp:
+                np.save(tmp, np.asarray(array, dtype=np.float32))
+        atomic_json(os.path.join(directory, STORE_META), meta)
 
     def lookup(self, keys: Sequence[tuple]) -> torch.Tensor:
         """``[P, 2, 1 + K]`` of the pairs ``(shard index, record)``."""
@@ -265,31 +261,3 @@ class ReferenceSource:
                 for b, s in zip(batches, scores):
                     b.reference = s.view(b.num_pairs, 2, -1)
 
-
-def install(source: ReferenceSource) -> None:
-    """Wraps the schedule Megatron's train and eval steps get from ``get_forward_backward_func``:
-    before each call, the call's micro-batches are read, given their reference log-probs by
-    ``source``, and handed on."""
-    from megatron.training import training as mtraining
-
-    from megatron_ualm.compat import megatron_fixes
-
-    def make(original):
-        def get_forward_backward_func(*args, **kwargs):
-            schedule = original(*args, **kwargs)
-
-            def with_reference(**call):
-                iterators = call["data_iterator"]
-                chunks = iterators if isinstance(iterators, list) else [iterators]
-                n = call["num_microbatches"]
-                batches = [[next(it) for _ in range(n)] for it in chunks]
-                source.attach(batches, call["model"], call["seq_length"], call["micro_batch_size"])
-                fresh = [iter(b) for b in batches]
-                call["data_iterator"] = fresh if isinstance(iterators, list) else fresh[0]
-                return schedule(**call)
-
-            return with_reference
-
-        return get_forward_backward_func
-
-    megatron_fixes.wrap_once(mtraining, "get_forward_backward_func", make)

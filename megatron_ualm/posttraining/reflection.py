@@ -52,9 +52,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-from megatron_ualm.posttraining import pairs as P
+from megatron_ualm.compat import quiet
+from megatron_ualm.files import atomic_write, jsonl_text, read_jsonl
+from megatron_ualm.posttraining import jobs
+from megatron_ualm.progress import progress_bar
 
 FIRST, CRITIQUES, REFINED = "first_pass", "critiques", "refined"
 REFINE_SEED_OFFSET = 1 << 20  # audio 2 samples from another stream than audio 1 of the same group
@@ -118,7 +121,7 @@ def read_plans(paths: Sequence[str], audio_root: Optional[str] = None) -> list[P
                if raw.get(k) is not None}
         turns = reflection_turns(rec)
         if rec.get("codes") is not None:
-            P.check_codes(rec["codes"], "codes")
+            jobs.check_codes(rec["codes"], "codes")
         elif raw.get("audio") is not None:
             source, _ = audio_source(raw, ("audio",), root)
             if not isinstance(source, str) or not os.path.isfile(source):
@@ -128,7 +131,7 @@ def read_plans(paths: Sequence[str], audio_root: Optional[str] = None) -> list[P
         return rec, next(t.text for t in turns if t.part == "plan")
 
     return [PlanRecord(i, rid, where, rec, plan, "audio" in rec or "codes" in rec)
-            for i, rid, where, _, (rec, plan) in P.read_inputs(paths, audio_root, parse)]
+            for i, rid, where, _, (rec, plan) in jobs.read_inputs(paths, audio_root, parse)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,10 +179,8 @@ class CausalLMCritic:
 
 def read_critic_file(path: str) -> dict[str, str]:
     """``{id: critique}`` from an outside critic's JSONL (records without a critique left out)."""
-    from megatron_ualm.evaluation.jsonl import read_records
-
     out: dict[str, str] = {}
-    for line, rec in read_records(path):
+    for line, rec in read_jsonl(path):
         if not isinstance(rec, dict) or "id" not in rec:
             raise ValueError(f'{path}:{line}: needs "id" and "critique", e.g. {{"id": "k7", "critique": "..."}}')
         rid = str(rec["id"])
@@ -212,15 +213,16 @@ def first_pass(args, launch, ualm, plans: Sequence[PlanRecord], done: set) -> No
 
     listen = ReasoningPrompts().listen
     model = ualm()  # on every rank, also a replica without groups: loading a checkpoint is collective
-    journal = P.Journal(P.journal_path(args.out, FIRST, launch.task))
-    groups = P.task_groups(len(plans), args.batch_size, launch.task, done)
-    total = P.task_items(len(plans), args.batch_size, launch.task)
+    journal = jobs.Journal(jobs.journal_path(args.out, FIRST, launch.task))
+    groups = jobs.task_groups(len(plans), args.batch_size, launch.task, done)
+    total = jobs.task_items(len(plans), args.batch_size, launch.task)
     left = sum(i not in done for _, g in groups for i in g)
-    with P.progress(total, total - left, f"first pass ({launch.task.tag})", launch.rank == 0 and not args.no_progress) as bar:
+    with progress_bar(total, f"first pass ({launch.task.tag})", "plan", launch.rank == 0 and not args.no_progress,
+                      initial=total - left) as bar:
         for k, items in groups:
             group = [plans[i] for i in items]
-            params = P.decoding_params(args, args.seed + k)
-            conversations = [[P.inference_turn(t, "") for t in reflection_turns(r.rec)] for r in group]
+            params = jobs.decoding_params(args, args.seed + k)
+            conversations = [[jobs.inference_turn(t, "") for t in reflection_turns(r.rec)] for r in group]
             replies = model.respond(conversations, dataclasses.replace(params, stop_at_eot=True), modality="audio")
             heard = [j for j, r in enumerate(replies) if r.codes and r.codes[-1].shape[1] > 0]
             captions = model.respond([[Turn("user", audio=replies[j].waves[-1], sample_rate=replies[j].sample_rate),
@@ -238,11 +240,11 @@ def first_pass(args, launch, ualm, plans: Sequence[PlanRecord], done: set) -> No
                         name = f"{r.index:07d}_1"
                         codes = replies[j].codes[-1]
                         entry.update(frames=int(codes.shape[1]), caption_1=caption_of[j], codes=os.path.relpath(
-                            P.save_codes(os.path.join(args.out, "codes", f"{name}.npz"), {"codes": codes.numpy()}),
+                            jobs.save_codes(os.path.join(args.out, "codes", f"{name}.npz"), {"codes": codes.numpy()}),
                             args.out))
                         if args.write_wavs:
                             entry["audio_1"] = f"audio/{name}.wav"
-                            P.save_wav(os.path.join(args.out, entry["audio_1"]), replies[j].waves[-1],
+                            jobs.save_wav(os.path.join(args.out, entry["audio_1"]), replies[j].waves[-1],
                                        replies[j].sample_rate)
                         if not caption_of[j]:
                             entry["invalid"] = "empty_caption"
@@ -260,20 +262,20 @@ def write_requests(out: str, plans: Sequence[PlanRecord], first: dict) -> Option
              **({"audio_1": first[r.index]["audio_1"]} if "audio_1" in first[r.index] else {}), "critique": None}
             for r in plans if "invalid" not in first[r.index]]
     path = os.path.join(out, "critic_requests.jsonl")
-    text = P.jsonl_text(rows)
+    text = jsonl_text(rows)
     if os.path.isfile(path):
         with open(path) as f:
             if f.read() == text:
                 return None
-    P.atomic_write(path, text)
+    atomic_write(path, text)
     return len(rows)
 
 
 def run_critic(args, plans: Sequence[PlanRecord], first: dict) -> None:
     """The model critic over the first-pass records without a critique yet."""
-    journal = P.Journal(os.path.join(args.out, f"{CRITIQUES}.jsonl"))
+    journal = jobs.Journal(os.path.join(args.out, f"{CRITIQUES}.jsonl"))
     journal.repair()
-    done = P.read_journals(args.out, CRITIQUES)
+    done = jobs.read_journals(args.out, CRITIQUES)
     critic = os.path.abspath(args.critic_model)
     other = {rec.get("critic") for rec in done.values()} - {critic}
     if other:
@@ -282,10 +284,10 @@ def run_critic(args, plans: Sequence[PlanRecord], first: dict) -> None:
     todo = [r for r in plans if "invalid" not in first[r.index] and r.index not in done]
     if not todo:
         return
-    model = CausalLMCritic(critic, args.critic_device or P.scorer_device(), args.critic_template,
+    model = CausalLMCritic(critic, args.critic_device or jobs.scorer_device(), args.critic_template,
                            args.critic_max_new_tokens)
     total = sum("invalid" not in first[r.index] for r in plans)
-    with P.progress(total, total - len(todo), "critic", not args.no_progress) as bar:
+    with progress_bar(total, "critic", "plan", not args.no_progress, initial=total - len(todo)) as bar:
         for start in range(0, len(todo), args.critic_batch_size):
             chunk = todo[start:start + args.critic_batch_size]
             texts = model.critique([(r.plan, first[r.index]["caption_1"]) for r in chunk])
@@ -298,7 +300,7 @@ def critiques_of(args) -> dict[str, str]:
     """``{id: critique}`` from ``--critic-file``, else from the model critic's journal."""
     if args.critic_file:
         return read_critic_file(args.critic_file)
-    return {rec["id"]: rec["critique"] for rec in P.read_journals(args.out, CRITIQUES).values()}
+    return {rec["id"]: rec["critique"] for rec in jobs.read_journals(args.out, CRITIQUES).values()}
 
 
 def needs_refine(r: PlanRecord, first: dict, critiques: dict) -> bool:
@@ -310,23 +312,24 @@ def refine(args, launch, ualm, plans: Sequence[PlanRecord], first: dict, critiqu
     import dataclasses
 
     model = ualm()  # on every rank (collective loading)
-    journal = P.Journal(P.journal_path(args.out, REFINED, launch.task))
+    journal = jobs.Journal(jobs.journal_path(args.out, REFINED, launch.task))
     eligible = {r.index for r in plans if needs_refine(r, first, critiques)}
     # The fixed groups of the first pass, each cut to its eligible records (a group's batch does
     # not depend on what finished before, so a resumed run decodes what an uninterrupted one does).
-    owned = [(k, [i for i in g if i in eligible]) for k, g in P.task_groups(len(plans), args.batch_size, launch.task, set())]
+    owned = [(k, [i for i in g if i in eligible]) for k, g in jobs.task_groups(len(plans), args.batch_size, launch.task, set())]
     groups = [(k, g) for k, g in owned if any(i not in done for i in g)]
     total = sum(len(g) for _, g in owned)
     left = sum(i not in done for _, g in groups for i in g)
-    with P.progress(total, total - left, f"audio 2 ({launch.task.tag})", launch.rank == 0 and not args.no_progress) as bar:
+    with progress_bar(total, f"audio 2 ({launch.task.tag})", "plan", launch.rank == 0 and not args.no_progress,
+                      initial=total - left) as bar:
         for k, items in groups:
             group = [plans[i] for i in items]
             conversations = []
             for r in group:
                 codes_1 = _codes(args.out, first[r.index]["codes"], "codes").tolist()
                 turns = reflection_turns(r.rec, codes_1, first[r.index]["caption_1"], critiques[r.id])
-                conversations.append([P.inference_turn(t, "") for t in turns])
-            params = dataclasses.replace(P.decoding_params(args, args.seed + REFINE_SEED_OFFSET + k), stop_at_eot=True)
+                conversations.append([jobs.inference_turn(t, "") for t in turns])
+            params = dataclasses.replace(jobs.decoding_params(args, args.seed + REFINE_SEED_OFFSET + k), stop_at_eot=True)
             replies = model.respond(conversations, params, modality="audio")
             if launch.writer:
                 for r, reply in zip(group, replies):
@@ -338,7 +341,7 @@ def refine(args, launch, ualm, plans: Sequence[PlanRecord], first: dict, critiqu
                     else:
                         path = os.path.join(args.out, "codes", f"{r.index:07d}_2.npz")
                         entry.update(frames=int(reply.codes[-1].shape[1]), codes=os.path.relpath(
-                            P.save_codes(path, {"codes": reply.codes[-1].numpy()}), args.out))
+                            jobs.save_codes(path, {"codes": reply.codes[-1].numpy()}), args.out))
                     journal.append(entry)
             bar.update(sum(i not in done for i in items))
 
@@ -394,8 +397,8 @@ def assemble(args, plans: Sequence[PlanRecord], first: dict, critiques: dict, re
         rows.append(row)
     summary = {"records": len(plans), "written": len(rows), "skipped": skipped,
                "audio_2": {"target": sum(r.has_target for r in plans), "generated": len(refined)}}
-    P.write_jsonl(os.path.join(args.out, "self_reflection.jsonl"), rows)
-    P.atomic_write(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1))
+    atomic_write(os.path.join(args.out, "self_reflection.jsonl"), jsonl_text(rows))
+    atomic_write(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1))
     return summary, ""
 
 
@@ -403,7 +406,7 @@ def assemble(args, plans: Sequence[PlanRecord], first: dict, critiques: dict, re
 # The command.
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    from megatron_ualm.evaluation.runner import add_model_args, check_model_args
+    from megatron_ualm.inference.checkpoint import add_model_args, check_model_args
 
     p = argparse.ArgumentParser(prog="build_reflection_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -422,13 +425,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     c.add_argument("--critic-batch-size", type=int, default=8, help="critiques generated together (default 8)")
     c.add_argument("--critic-device", help="torch device of the critic (default: the GPU if any)")
     add_model_args(p)
-    P.add_decoding_args(p, text_temperature=0.0, min_audio_seconds=1.0)
-    P.add_task_args(p)
+    jobs.add_decoding_args(p, text_temperature=0.0, min_audio_seconds=1.0)
+    jobs.add_task_args(p)
     args = p.parse_args(argv)
     args.model = bool(args.load or args.random_init)
     if args.model:
         check_model_args(p, args, need_codec=True)
-    P.check_decoding_args(p, args)
+    jobs.check_decoding_args(p, args)
     if args.critic_model and args.critic_file:
         p.error("give one critic: --critic-model or --critic-file")
     if args.critic_model and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -443,7 +446,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             ("--critic-model", args.critic_model), ("--critic-file", args.critic_file), ("--audio-root", args.audio_root)]:
         if path and not os.path.exists(path):
             p.error(f"{flag} {path} does not exist")
-    P.resolve_outer_task(p, args)
+    jobs.resolve_outer_task(p, args)
     return args
 
 
@@ -451,30 +454,30 @@ def run(args) -> None:
     """Runs the stages the flags and the files allow, then assembles or says what is left."""
     plans = read_plans(args.input, args.audio_root)
     digest = hashlib.sha256(json.dumps([(r.id, r.rec) for r in plans], sort_keys=True).encode()).hexdigest()[:16]
-    made = {stem: P.read_journals(args.out, stem) for stem in (FIRST, CRITIQUES, REFINED)}
-    P.check_run(args.out, {"inputs": digest}, started=any(made.values()))
+    made = {stem: jobs.read_journals(args.out, stem) for stem in (FIRST, CRITIQUES, REFINED)}
+    jobs.check_run(args.out, {"inputs": digest}, started=any(made.values()))
     launch = None
     if args.model:
         from megatron_ualm import api
 
-        P.check_run(args.out, {"model": P.model_identity(args), "write_wavs": args.write_wavs}, "model.json",
+        jobs.check_run(args.out, {"model": jobs.model_identity(args), "write_wavs": args.write_wavs}, "model.json",
                     started=bool(made[FIRST] or made[REFINED]))
-        launch = P.start_launch(args)
+        launch = jobs.start_launch(args)
         model: list = []
 
         def ualm():  # loaded once, by the first stage with work anywhere in the launch
             if not model:
-                from megatron_ualm.evaluation.runner import build_ualm
+                from megatron_ualm.inference.checkpoint import build_ualm
 
                 model.append(build_ualm(args))
             return model[0]
 
-        done = P.done_items(launch, args.out, FIRST)
-        if any(P.task_groups(len(plans), args.batch_size, t, done) for t in launch.tasks):
+        done = jobs.done_items(launch, args.out, FIRST)
+        if any(jobs.task_groups(len(plans), args.batch_size, t, done) for t in launch.tasks):
             first_pass(args, launch, ualm, plans, done)
-        first = P.journals_on_every_rank(args.out, FIRST)
+        first = jobs.journals_on_every_rank(args.out, FIRST)
     else:
-        first = P.read_journals(args.out, FIRST)
+        first = jobs.read_journals(args.out, FIRST)
     complete = all(r.index in first for r in plans)
     if complete and (launch is None or launch.rank == 0):
         n = write_requests(args.out, plans, first)
@@ -483,14 +486,14 @@ def run(args) -> None:
     if complete and args.critic_model:
         run_critic(args, plans, first)
     if launch is not None:
-        critiques = P.broadcast(critiques_of(args) if launch.rank == 0 else None)
+        critiques = jobs.broadcast(critiques_of(args) if launch.rank == 0 else None)
         if complete:
-            done = P.done_items(launch, args.out, REFINED)
+            done = jobs.done_items(launch, args.out, REFINED)
             if any(needs_refine(r, first, critiques) and r.index not in done for r in plans):
                 refine(args, launch, ualm, plans, first, critiques, done)
-        refined = P.journals_on_every_rank(args.out, REFINED)
+        refined = jobs.journals_on_every_rank(args.out, REFINED)
     else:
-        critiques, refined = critiques_of(args), P.read_journals(args.out, REFINED)
+        critiques, refined = critiques_of(args), jobs.read_journals(args.out, REFINED)
     if launch is None or launch.rank == 0:
         summary, left = assemble(args, plans, first, critiques, refined)
         if summary is None:
@@ -507,10 +510,11 @@ def build_reflection_data_main(argv: Optional[Sequence[str]] = None) -> int:
     """``tools/build_reflection_data.py`` / ``ualm-build-reflection-data``."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     args = parse_args(argv)
+    quiet.install()
     try:
         run(args)
     except ValueError as err:
-        raise P.fail(str(err)) from None
+        raise jobs.fail(str(err)) from None
     return 0
 
 

@@ -3,19 +3,16 @@
 A flavor expands into the Megatron flags that describe its backbone (layers, widths, RMSNorm,
 SwiGLU, QKV bias, RoPE theta, tied or untied head, vocabulary rows). They are placed *before*
 the user's flags, so anything given on the command line overrides the flavor, as with
-torchtitan's flavors. ``ualm_config_from_args`` turns the parsed namespace into the typed
+torchtitan's flavors. ``config.config_from_megatron_args`` turns the parsed namespace into the typed
 ``UALMConfig`` once, at the entry point; model, data and loss code never read ``get_args()``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Sequence
 
-from megatron.core.transformer.transformer_config import TransformerConfig
-
-from megatron_ualm.config import FLAVORS, UALMConfig, default_transformer_impl, make_config
+from megatron_ualm.config import FLAVORS, default_transformer_impl, make_config
 
 FREEZE_POLICIES = ("full", "alignment")
 
@@ -89,29 +86,3 @@ def add_ualm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-audio-encoder", action="store_true", help="build the model without audio input")
     g.add_argument("--loss-plot", default=None, help="write a PNG of the loss curves here at the end")
     return parser
-
-
-def ualm_config_from_args(args: argparse.Namespace) -> UALMConfig:
-    """The model config: Megatron's translation of its flags plus the flavor's audio fields."""
-    from megatron.training.arguments import core_transformer_config_from_args
-
-    base = core_transformer_config_from_args(args)
-    overrides = {f.name: getattr(base, f.name) for f in dataclasses.fields(TransformerConfig) if f.init}
-    flavor = FLAVORS[args.flavor]
-    overrides.update(
-        text_vocab_size=flavor["text_vocab_size"],
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        rotary_base=float(args.rotary_base),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        text_loss_weight=args.text_loss_weight,
-        codebook_loss_weights=tuple(args.codebook_loss_weights) if args.codebook_loss_weights else None,
-        cfg_condition_dropout=args.cfg_condition_dropout,
-    )
-    if args.no_audio_encoder:
-        overrides["audio_encoder_type"] = None
-    elif args.audio_encoder_type:
-        overrides["audio_encoder_type"] = args.audio_encoder_type
-    if args.audio_encoder_path:
-        overrides["audio_encoder_path"] = args.audio_encoder_path
-    return make_config(args.flavor, **overrides)

@@ -1,4 +1,4 @@
-"""Training data for the Megatron loop: blended token shards (or synthetic rows) -> UALMBatch.
+"""Training data for the Megatron loop: blended token shards (or synthetic rows) -> loaders of UALMBatch.
 
 Megatron's own loader stacks items with the default collate, which cannot batch UALM rows
 (variable numbers of audio-in windows, packed documents); the loop therefore runs with
@@ -15,51 +15,9 @@ from typing import Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
-from megatron_ualm.config import UALMConfig
-from megatron_ualm.data.audio import AudioInConfig
 from megatron_ualm.data.batch import UALMBatch, collate_packed
 from megatron_ualm.data.blend import build_data_loader
-from megatron_ualm.synthetic import FAMILIES, mixed_samples
 from megatron_ualm.vocab import UALMVocab
-
-
-class SyntheticDataset(torch.utils.data.Dataset):
-    """Rows of generated text / understanding / generation samples, in UALMDataset's item format.
-
-    Item ``i`` is a function of (seed, i) only. Used for smoke runs and throughput benchmarks
-    where real shards are not at hand.
-
-    Args:
-        config: model config (vocabulary, codebooks, encoder window).
-        seq_length: s.
-        num_samples: rows.
-        seed: base seed.
-    """
-
-    def __init__(self, config: UALMConfig, seq_length: int, num_samples: int, seed: int = 0):
-        self.config, self.seq_length, self.num_samples, self.seed = config, seq_length, num_samples, seed
-        self.audio_in = AudioInConfig.from_model_config(config) if config.audio_encoder_type else None
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, idx: int) -> dict:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(idx))
-        samples, frames = mixed_samples(self.config, self.seq_length, generator)
-        family = int(idx) % len(FAMILIES)
-        sample = samples[family]
-        n = len(sample.audio_in_frames)
-        window = (self.audio_in.n_mels, self.audio_in.window_mel_frames) if self.audio_in else (0, 0)
-        return {
-            "dataset_id": family,
-            "tokens": sample.tokens,
-            "codes": sample.codes,
-            "text_target": sample.text_target,
-            "code_target": sample.code_target,
-            "doc_lengths": torch.tensor([len(sample)]),
-            "audio_in_features": torch.randn(n, *window, generator=generator),
-            "audio_in_lengths": torch.tensor(sample.audio_in_frames, dtype=torch.long),
-        }
 
 
 class FamilyCollate:

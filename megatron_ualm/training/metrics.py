@@ -10,6 +10,8 @@ tokens/s/GPU and UALM TFLOP/s/GPU, also to TensorBoard.
 from __future__ import annotations
 
 import collections
+import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -102,3 +104,14 @@ class UALMThroughput:
         }
         c.reset()
         return out
+
+
+def append_metrics(save_dir: str, row: dict) -> None:
+    """Appends one row to ``<save>/metrics.jsonl`` (the last rank writes; one run per directory).
+
+    Rows of one iteration may come in several lines (training, in-training evaluation);
+    ``training.plot.read_metrics`` merges them.
+    """
+    os.makedirs(save_dir, exist_ok=True)
+    with open(os.path.join(save_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")

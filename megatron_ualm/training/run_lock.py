@@ -21,6 +21,8 @@ import threading
 import time
 from typing import Optional
 
+from megatron_ualm.files import atomic_write
+
 LOCK_NAME = ".ualm_run.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
@@ -115,10 +117,7 @@ class RunLock:
                 ) from None
             print(f"[megatron_ualm] taking over the run lock of {self.directory} from {_owner_text(owner)}: "
                   f"{reason}", file=sys.stderr, flush=True)
-            tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(blob)
-            os.replace(tmp, self.path)
+            atomic_write(self.path, blob)
         else:
             with os.fdopen(fd, "w") as f:
                 f.write(blob)

@@ -18,7 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.training.checkpointing import get_checkpoint_name, get_checkpoint_tracker_filename, read_metadata
 
 from megatron_ualm import api
-from megatron_ualm import model_record
+from megatron_ualm import checkpoint_format
 from megatron_ualm.vocab import UALMVocab
 
 
@@ -35,7 +35,7 @@ def main():
     iteration, release = read_metadata(get_checkpoint_tracker_filename(args.load))
     ckpt = get_checkpoint_name(args.load, iteration, release, return_base_dir=True)
     record = dist_checkpointing.load_common_state_dict(ckpt)["ualm"]
-    config = model_record.config_from_record(
+    config = checkpoint_format.config_from_description(
         record, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
         use_cpu_initialization=True, pipeline_dtype=torch.float32,
     )

@@ -18,8 +18,11 @@ from safetensors.torch import save_file
 
 from megatron_ualm.config import make_config
 from megatron_ualm.conversion import ConversionError, export_hf, import_hf, layout
-from megatron_ualm import model_record
+from megatron_ualm import checkpoint_format
 from megatron_ualm.conversion import megatron_io
+from ualm_testing import run_ok, torchrun
+
+pytestmark = pytest.mark.slow  # measured above 5 s on 2 cores: scripts/run_tests.sh --quick leaves it out
 
 WORKER = os.path.join(os.path.dirname(__file__), "load_worker.py")
 TEXT_VOCAB = 224
@@ -66,11 +69,8 @@ def imported(hf_dirs):
 
 
 def _load_logits(load_dir, tokens_path, out_path, tp, pp):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}", WORKER,
-           "--load", load_dir, "--tokens", tokens_path, "--out", out_path, "--tp", str(tp), "--pp", str(pp)]
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, f"tp={tp} pp={pp} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_ok(torchrun(tp * pp, WORKER, "--load", load_dir, "--tokens", tokens_path, "--out", out_path, "--tp", str(tp),
+                    "--pp", str(pp)), timeout=300)
     return torch.load(out_path)
 
 
@@ -96,7 +96,7 @@ def test_import_loads_at_tp_pp(hf_dirs, imported, ualm_logits, tp, pp):
 
 def test_checkpoint_layout_and_record(imported):
     out, ckpt = imported
-    assert open(os.path.join(out, model_record.TRACKER)).read() == "release"
+    assert open(os.path.join(out, checkpoint_format.TRACKER)).read() == "release"
     record = megatron_io.load_common(ckpt)["ualm"]
     assert record["flavor"] == "debug"
     assert record["codec"]["name"] == "hf-audio/xcodec-hubert-general"
@@ -116,9 +116,7 @@ def _all_tensors(ckpt):
 
 
 def _config_of(ckpt):
-    from megatron_ualm.conversion import configs
-
-    return model_record.config_from_record(megatron_io.load_common(ckpt)["ualm"])
+    return checkpoint_format.config_from_description(megatron_io.load_common(ckpt)["ualm"])
 
 
 def test_initialisation_rule(hf_dirs, imported):
@@ -276,4 +274,4 @@ def test_failed_import_leaves_nothing_and_a_rerun_works(hf_dirs, tmp_path, monke
     assert os.listdir(tmp_path) == []  # neither the output nor its .partial directory
     monkeypatch.setattr(importer._Source, "unit", unit)
     ckpt = import_hf(hf_dirs["llm"], str(out), text_vocab_size=TEXT_VOCAB, no_audio_encoder=True, progress=False)
-    assert sorted(os.listdir(out)) == [model_record.TRACKER, "release"] and ckpt == str(out / "release")
+    assert sorted(os.listdir(out)) == [checkpoint_format.TRACKER, "release"] and ckpt == str(out / "release")

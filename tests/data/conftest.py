@@ -76,7 +76,7 @@ def sentencepiece_path(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def codec_dir(tmp_path_factory, debug_config) -> str:
     """A tiny random X-Codec (K=8, card=64) with random codebooks, saved like a checkpoint."""
-    from megatron_ualm.quickstart import build_random_xcodec
+    from megatron_ualm.tiny.corpus import build_random_xcodec
 
     def build(d):
         build_random_xcodec(str(d), debug_config.num_codebooks, debug_config.codebook_size)

@@ -17,14 +17,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_backbones(tmp_path_factory) -> dict:
     """``{backbone: path}`` of random tiny checkpoints (PANNs is full size: its widths are fixed)."""
-    from megatron_ualm.evaluation import testing
+    from megatron_ualm.tiny import backbones as tiny_models
 
-    return testing.write_all(tmp_path_factory.mktemp("backbones"))
+    return tiny_models.write_all(tmp_path_factory.mktemp("backbones"))
 
 
 @pytest.fixture(scope="session")
 def loaded_backbones(tiny_backbones) -> dict:
-    from megatron_ualm.evaluation.generation import load_backbones
+    from megatron_ualm.evaluation.tta import load_backbones
 
     return load_backbones(tiny_backbones, device="cpu")
 
@@ -37,7 +37,7 @@ def decoding_inputs(tmp_path_factory) -> dict:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from megatron_ualm.config import make_config
-    from megatron_ualm.quickstart import build_random_xcodec
+    from megatron_ualm.tiny.corpus import build_random_xcodec
 
     root = tmp_path_factory.mktemp("decoding")
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))

@@ -5,7 +5,8 @@ import sys
 import numpy as np
 import pytest
 
-from megatron_ualm.evaluation import backbones, testing
+from megatron_ualm.evaluation import backbones
+from megatron_ualm.tiny import backbones as tiny_models
 
 
 def _clips(seconds=(0.5, 0.7, 0.5), rate=16000, seed=0):
@@ -26,6 +27,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_backbone_end_to_end(loaded_backbones, name):
     model = loaded_backbones[name]
@@ -69,9 +71,9 @@ def test_panns_models_import_without_the_package_init():
 
 
 def test_identity_changes_with_the_weights(tmp_path, loaded_backbones):
-    p = testing.write_tiny_passt(tmp_path / "a", seed=0)
+    p = tiny_models.write_tiny_passt(tmp_path / "a", seed=0)
     first = backbones.PaSST(p, device="cpu").identity
-    testing.write_tiny_passt(tmp_path / "a", seed=1)
+    tiny_models.write_tiny_passt(tmp_path / "a", seed=1)
     assert backbones.PaSST(p, device="cpu").identity != first
 
 

@@ -4,13 +4,14 @@ stream or a model left in eval mode would change them)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from megatron_ualm.evaluation import during_training
+from ualm_testing import run_ok, torchrun
+
+pytestmark = pytest.mark.slow  # measured above 5 s on 2 cores: scripts/run_tests.sh --quick leaves it out
 
 
 def _rows(save):
@@ -23,12 +24,7 @@ def _pretrain(save, *extra):
             "--global-batch-size", "2", "--seq-length", "64", "--lr", "1e-3", "--log-interval", "1",
             "--eval-iters", "0", "--seed", "1234", "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
             "--save", str(save), "--save-interval", "100", *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-           "-m", "megatron_ualm.pretrain", *args]
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout + proc.stderr
+    return run_ok(torchrun(1, "-m", "megatron_ualm.pretrain", *args))
 
 
 @pytest.fixture(scope="module")

@@ -102,11 +102,12 @@ def _run(args):
     return proc
 
 
+@pytest.mark.slow
 def test_understanding_and_text_tasks_end_to_end(tmp_path, tokenizer_path):
     """The random debug model hears each clip and answers; every raw reply is saved and scored."""
-    from megatron_ualm.evaluation import testing
+    from megatron_ualm.tiny import backbones as tiny_models
 
-    testing.write_clips(tmp_path / "clips", ["a", "b"], seconds=0.5)
+    tiny_models.write_clips(tmp_path / "clips", ["a", "b"], seconds=0.5)
     recs = [{"id": "a", "audio": "clips/a.wav", "question": "what is the sound", "choices": ["dog", "cat", "car"],
              "answer": "A", "category": "sound"},
             {"id": "b", "audio": "clips/b.wav", "question": "what is the sound", "choices": ["yes", "no"],

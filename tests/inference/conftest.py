@@ -54,7 +54,7 @@ def tokenizer_path(tmp_path_factory, model) -> str:
 @pytest.fixture(scope="session")
 def codec_dir(tmp_path_factory, model) -> str:
     """A tiny random X-Codec (K=8, card=64, 16 kHz, 50 Hz) with random codebooks."""
-    from megatron_ualm.quickstart import build_random_xcodec
+    from megatron_ualm.tiny.corpus import build_random_xcodec
 
     path = tmp_path_factory.mktemp("codec") / "xcodec"
     return build_random_xcodec(str(path), model.config.num_codebooks, model.config.codebook_size)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import soundfile as sf
 
 
@@ -18,6 +19,7 @@ def run(*args):
     return proc
 
 
+@pytest.mark.slow
 def test_cli_tta_and_dialogue(tokenizer_path, codec_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "rain on a roof", "id": "rain", "answers": ["heavy rain"]}) + "\n"

@@ -3,24 +3,21 @@ dist_checkpointing)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from megatron_ualm.config import make_config
 from megatron_ualm.vocab import UALMVocab
+from ualm_testing import run_ok, torchrun
+
+pytestmark = pytest.mark.slow  # measured above 5 s on 2 cores: scripts/run_tests.sh --quick leaves it out
 
 WORKER = os.path.join(os.path.dirname(__file__), "mp_worker.py")
 
 
 def launch(nproc, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", WORKER, *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_ok(torchrun(nproc, WORKER, *args), timeout=600)
 
 
 @pytest.fixture(scope="module")

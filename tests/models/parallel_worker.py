@@ -30,8 +30,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ualm import api
-from megatron_ualm.posttraining.dpo import DPOConfig, dpo_forward_step, score_batches
-from megatron_ualm.posttraining.synthetic import synthetic_pair_batch
+from megatron_ualm.posttraining.dpo_loss import DPOConfig, dpo_forward_step, score_batches
+from megatron_ualm.synthetic import synthetic_pair_batch
 from megatron_ualm.synthetic import mixed_batch
 
 SEQ, MICRO_BATCHES = 64, 2

@@ -9,20 +9,18 @@ compares every trainable parameter's gradient shard with the reference's.
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from ualm_testing import run_ok, torchrun
+
+pytestmark = pytest.mark.slow  # measured above 5 s on 2 cores: scripts/run_tests.sh --quick leaves it out
 
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
 TOLERANCE = 1e-6
 
 
 def launch(nproc: int, *args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", WORKER, *args]
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    run_ok(torchrun(nproc, WORKER, *args), timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -115,7 +115,7 @@ def test_bad_records_name_their_field(converter, record, field, words):
 @pytest.fixture(scope="module")
 def chat_shards(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
     """The tool over a manifest mixing every kind, real clips (audio in and out) and bad records."""
-    from megatron_ualm.posttraining.data_tools import preprocess_chat_main
+    from megatron_ualm.data.cli import preprocess_chat_main
 
     out = tmp_path_factory.mktemp("chat")
     records = [
@@ -138,6 +138,7 @@ def chat_shards(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
     return out, argv
 
 
+@pytest.mark.slow
 def test_tool_writes_chat_shards_and_names_bad_records(chat_shards):
     from megatron_ualm.data.shards import ShardReader
 
@@ -161,7 +162,7 @@ def test_tool_writes_chat_shards_and_names_bad_records(chat_shards):
 
 
 def test_strict_stops_at_the_first_bad_record(chat_shards, capsys):
-    from megatron_ualm.posttraining.data_tools import preprocess_chat_main
+    from megatron_ualm.data.cli import preprocess_chat_main
 
     out, argv = chat_shards
     argv = [a if a != str(out / "shards") else str(out / "strict") for a in argv]
@@ -220,7 +221,7 @@ def test_workers_with_the_codec_in_main_write_the_same_shards(chat_shards):
     """Two workers decode, this process encodes every pending clip (several per record): same bytes."""
     import filecmp
 
-    from megatron_ualm.posttraining.data_tools import preprocess_chat_main
+    from megatron_ualm.data.cli import preprocess_chat_main
 
     out, argv = chat_shards
     argv = [a if a != str(out / "shards") else str(out / "main") for a in argv]

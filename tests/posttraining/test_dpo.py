@@ -10,9 +10,9 @@ from megatron_ualm import api
 from megatron_ualm.config import make_config
 from megatron_ualm.data.preference import collate_pairs
 from megatron_ualm.data.sequence import Message
-from megatron_ualm.posttraining.dpo import (DPOConfig, dpo_loss, score_batches, sequence_logp, stream_logps,
+from megatron_ualm.posttraining.dpo_loss import (DPOConfig, dpo_loss, score_batches, sequence_logp, stream_logps,
                                              stream_weights)
-from megatron_ualm.posttraining.synthetic import row_item
+from megatron_ualm.synthetic import row_item
 from megatron_ualm.vocab import UALMVocab
 
 SEQ = 96

@@ -13,6 +13,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.slow  # measured above 5 s on 2 cores: scripts/run_tests.sh --quick leaves it out
+
 def _load(path: str, name: str):
     """A test module of another directory (tests/ has no packages), for its helpers."""
     spec = importlib.util.spec_from_file_location(name, path)

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 from megatron_ualm.evaluation.scorers import Scorer
+from megatron_ualm.posttraining import jobs
 from megatron_ualm.posttraining import pairs as P
+from ualm_testing import child_env, run_ok, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "make_preference_pairs.py")
@@ -86,29 +88,29 @@ def test_rule_refuses_unknown_metrics():
 # The journal and the prompt records.
 
 def test_journal_cuts_a_torn_line_and_reads_across_tasks(tmp_path):
-    j = P.Journal(str(tmp_path / "candidates.jsonl"))
+    j = jobs.Journal(str(tmp_path / "candidates.jsonl"))
     j.append({"index": 0, "id": "a"})
     j.append({"index": 1, "id": "b"})
     with open(j.path, "ab") as f:
         f.write(b'{"index": 2, "id": "c", "candi')  # killed mid-write
     (tmp_path / "candidates.task-00001-of-00002.jsonl").write_text('{"index": 3, "id": "d"}\n')
     (tmp_path / "candidates_old.jsonl").write_text("not a journal\n")
-    assert sorted(P.read_journals(str(tmp_path), "candidates")) == [0, 1, 3]  # the torn line is ignored
+    assert sorted(jobs.read_journals(str(tmp_path), "candidates")) == [0, 1, 3]  # the torn line is ignored
     j.repair()
     j.append({"index": 2, "id": "c"})
     assert [json.loads(x)["index"] for x in open(j.path)] == [0, 1, 2]
     (tmp_path / "candidates.jsonl").write_text('{"index": 0}\n{"ind\n{"index": 2}\n')
     with pytest.raises(ValueError, match=r"candidates.jsonl:2 is not a complete record"):
-        P.read_journals(str(tmp_path), "candidates")
+        jobs.read_journals(str(tmp_path), "candidates")
 
 
 def test_run_settings_lock_the_folder_once_work_is_done(tmp_path):
     out = str(tmp_path)
-    P.check_run(out, {"seed": 1, "scorers": [("clap", "/m")]})
-    P.check_run(out, {"seed": 1, "scorers": [["clap", "/m"]]})  # as stored
-    P.check_run(out, {"seed": 2}, started=False)  # nothing done yet (e.g. the first run failed to load its model)
+    jobs.check_run(out, {"seed": 1, "scorers": [("clap", "/m")]})
+    jobs.check_run(out, {"seed": 1, "scorers": [["clap", "/m"]]})  # as stored
+    jobs.check_run(out, {"seed": 2}, started=False)  # nothing done yet (e.g. the first run failed to load its model)
     with pytest.raises(ValueError, match=r"holds a run with other settings \(seed differ"):
-        P.check_run(out, {"seed": 3})
+        jobs.check_run(out, {"seed": 3})
 
 
 def test_prompt_records_cut_chat_and_reason_records(tmp_path, audio_dir):
@@ -169,7 +171,7 @@ class RMSScorer(Scorer):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
-    from megatron_ualm.evaluation import testing
+    from megatron_ualm.tiny import backbones as tiny_models
 
     root = tmp_path_factory.mktemp("pairs")
     prompts = root / "prompts.jsonl"
@@ -180,29 +182,26 @@ def setup(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
     lines.append({"id": "reason", "kind": "enrichment", "prompt": "dog", "rich_caption": rich, "audio": "wav0.wav"})
     prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
     args = ["--prompts", str(prompts), "--audio-root", audio_dir, "--random-init", "--flavor", "debug",
-            "--tokenizer", tokenizer_path, "--codec", codec_dir, "--scorer", f"clap={testing.write_tiny_clap(root / 'clap')}",
-            "--scorer", f"aesthetics={testing.write_tiny_aesthetics(root / 'aes')}",
+            "--tokenizer", tokenizer_path, "--codec", codec_dir, "--scorer", f"clap={tiny_models.write_tiny_clap(root / 'clap')}",
+            "--scorer", f"aesthetics={tiny_models.write_tiny_aesthetics(root / 'aes')}",
             "--scorer", f"tests.posttraining.test_pairs:RMSScorer={root}", "--num-candidates", "3",
             "--batch-size", "1", "--max-audio-seconds", "0.3", "--min-audio-seconds", "0.1", "--seed", "5"]
     return {"root": root, "args": args}
 
 
-def _env():  # the plug-in scorer imports from the repository root
-    return dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+def _env():  # the plug-in scorer is this module: importable from the repository root (and its imports)
+    return child_env(PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
 
 
 def _run(cmd, timeout=600):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout + proc.stderr
+    return run_ok(cmd, timeout=timeout, env=_env())
 
 
 @pytest.fixture(scope="module")
 def reference(setup):
     """An uninterrupted run with TP=2 (every rank decodes, the first scores and writes)."""
     out = str(setup["root"] / "tp2")
-    log = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", TOOL,
-                *setup["args"], "--tensor-model-parallel-size", "2", "--out", out, "--no-progress"])
+    log = _run([*torchrun(2, TOOL), *setup["args"], "--tensor-model-parallel-size", "2", "--out", out, "--no-progress"])
     assert f"{NUM_PROMPTS} pairs from {NUM_PROMPTS} prompts" in log
     return out
 
@@ -212,6 +211,7 @@ def _lines(path):
         return [json.loads(x) for x in f]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_manifests(setup, reference):
     out = str(setup["root"] / "killed")
     journal = os.path.join(out, "candidates.jsonl")
@@ -224,7 +224,7 @@ def test_killed_run_resumes_to_the_same_manifests(setup, reference):
             break
         time.sleep(0.01)
     proc.wait()
-    done = len(P.read_journals(out, P.JOURNAL))
+    done = len(jobs.read_journals(out, P.JOURNAL))
     assert 1 <= done < NUM_PROMPTS, f"the kill came too late ({done} prompts done)"
     assert not os.path.exists(os.path.join(out, "pairs.jsonl"))
     with open(journal, "ab") as f:  # as if killed in the middle of the next line
@@ -243,14 +243,15 @@ def test_killed_run_resumes_to_the_same_manifests(setup, reference):
     log = _run([sys.executable, TOOL, *setup["args"], "--out", out])
     assert f"{NUM_PROMPTS} pairs" in log and "Loading weights" not in log
     settings = json.load(open(os.path.join(out, "run.json")))["settings"]
-    P.check_run(out, settings)
+    jobs.check_run(out, settings)
     with pytest.raises(ValueError, match=r"holds a run with other settings \(num_candidates differ; see"):
-        P.check_run(out, {**settings, "num_candidates": 4})
+        jobs.check_run(out, {**settings, "num_candidates": 4})
 
 
+@pytest.mark.slow  # the TP=2 reference run
 def test_manifests_hold_every_score_and_follow_the_rule(setup, reference):
     pairs = _lines(os.path.join(reference, "pairs.jsonl"))
-    journal = P.read_journals(reference, P.JOURNAL)
+    journal = jobs.read_journals(reference, P.JOURNAL)
     assert [p["id"] for p in pairs] == [f"p{i}" for i in range(NUM_PROMPTS - 1)] + ["reason"]
     stats = P.metric_stats([e.get("scores") for j in journal.values() for e in j["candidates"]])
     assert set(stats) == {"clap", "aes", *P.AES_AXES, "rms"}
@@ -275,6 +276,7 @@ def test_manifests_hold_every_score_and_follow_the_rule(setup, reference):
     assert summary["metrics"]["rms"]["weight"] == 1 and summary["metrics"]["rms"]["std"] > 0  # the plug-in counts
 
 
+@pytest.mark.slow  # the TP=2 reference run
 def test_thresholds_rerun_the_rule_without_decoding(setup, reference, tmp_path):
     out = str(tmp_path / "out")
     shutil.copytree(reference, out)
@@ -288,9 +290,10 @@ def test_thresholds_rerun_the_rule_without_decoding(setup, reference, tmp_path):
     assert len(_lines(os.path.join(out, "adaptation.jsonl"))) == kept
 
 
+@pytest.mark.slow  # the TP=2 reference run
 def test_outputs_feed_the_data_tools_without_rejections(reference, tmp_path, tokenizer_path, codec_dir):
     from megatron_ualm.data.shards import ShardReader
-    from megatron_ualm.posttraining.data_tools import preprocess_chat_main, preprocess_preferences_main
+    from megatron_ualm.data.cli import preprocess_chat_main, preprocess_preferences_main
 
     common = ["--tokenizer", tokenizer_path, "--codec-path", codec_dir, "--flavor", "debug", "--no-progress"]
     for tool, manifest, name in ((preprocess_preferences_main, "pairs.jsonl", "preference"),

@@ -82,7 +82,7 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def pair_shards(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
-    from megatron_ualm.posttraining.data_tools import preprocess_preferences_main
+    from megatron_ualm.data.cli import preprocess_preferences_main
 
     out = tmp_path_factory.mktemp("prefs")
     manifest = out / "pairs.jsonl"
@@ -94,7 +94,7 @@ def pair_shards(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
 
 
 def test_tool_names_bad_pairs_strict_and_resumes(pair_shards, capsys):
-    from megatron_ualm.posttraining.data_tools import preprocess_preferences_main
+    from megatron_ualm.data.cli import preprocess_preferences_main
 
     out, argv = pair_shards
     rejected = [json.loads(line) for line in (out / "shards" / "preference.rejected.jsonl").read_text().splitlines()]

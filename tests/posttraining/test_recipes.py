@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # measured above 5 s on 2 cores: scripts/run_tests.sh --quick leaves it out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS, CANDIDATES, SFT_ITERS, DPO_ITERS = 6, 3, 3, 4
 
@@ -56,13 +58,13 @@ def test_stages_in_order(recipe):
 
 
 def test_checkpoints_describe_themselves(recipe):
-    from megatron_ualm.model_record import read_record
+    from megatron_ualm.checkpoint_format import read_description
 
     w, _ = recipe
     for name, entry, iters in (("base", "pretrain", 4), ("adapted", "finetune", SFT_ITERS), ("dpo", "dpo", DPO_ITERS)):
         with open(os.path.join(w, name, "latest_checkpointed_iteration.txt")) as f:
             assert int(f.read()) == iters, name
-        record = read_record(os.path.join(w, name))
+        record = read_description(os.path.join(w, name))
         assert record["flavor"] == "debug" and record["trained_by"] == f"megatron_ualm.{entry}", name
         assert record["vocab"]["tokenizer"]["sha256"], name
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from megatron_ualm.posttraining import reflection as R
+from ualm_testing import run_ok, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "build_reflection_data.py")
@@ -55,17 +56,9 @@ def test_bad_records_and_critic_files_are_named(tmp_path):
     assert R.read_critic_file(str(critic)) == {"a": "fine"}
 
 
-def _env():
-    return dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
-
-
 def _run(*args, nproc=0):
     """The tool in one process, or in ``nproc`` torchrun ranks."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc \
-        else [sys.executable]
-    proc = subprocess.run([*launcher, TOOL, *args], capture_output=True, text=True, timeout=600, env=_env())
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout
+    return run_ok(torchrun(nproc, TOOL, *args) if nproc else [sys.executable, TOOL, *args], timeout=600)
 
 
 def _lines(path):
@@ -77,7 +70,7 @@ def _lines(path):
 def built(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
     """The three invocations, the model's with two data-parallel ranks (each decodes its groups of
     two records; for audio 2 only the second has records); returns the output folder and the inputs."""
-    from megatron_ualm.posttraining.recipes import write_tiny_critic
+    from megatron_ualm.tiny.critic import write_tiny_critic
 
     root = tmp_path_factory.mktemp("reflection")
     plans = root / "plans.jsonl"
@@ -100,6 +93,7 @@ def built(tmp_path_factory, tokenizer_path, codec_dir, audio_dir):
             "audio_dir": audio_dir}
 
 
+@pytest.mark.slow
 def test_stages_write_what_the_next_reads(built):
     out, logs = built["out"], built["logs"]
     assert "4 record(s) for a critic" in logs[0] and "await a critique" in logs[0]
@@ -137,7 +131,7 @@ def test_stages_write_what_the_next_reads(built):
 
 def test_records_feed_preprocess_chat(built, tmp_path, tokenizer_path, codec_dir):
     from megatron_ualm.data.shards import ShardReader
-    from megatron_ualm.posttraining.data_tools import preprocess_chat_main
+    from megatron_ualm.data.cli import preprocess_chat_main
 
     out = str(tmp_path / "chat")
     assert preprocess_chat_main(["--input", os.path.join(built["out"], "self_reflection.jsonl"), "--output", out,

@@ -13,11 +13,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from ualm_testing import run_ok
+from ualm_testing import torchrun as launch_cmd
+
+pytestmark = pytest.mark.slow  # measured above 5 s on 2 cores: scripts/run_tests.sh --quick leaves it out
 
 RUN = ["--flavor", "debug", "--seq-length", "96", "--log-interval", "1", "--eval-iters", "0", "--seed", "1234",
        "--split", "100,0,0"]
@@ -38,12 +40,7 @@ resume_dir = _pretrain_test.resume_dir  # the reference's iteration-3 checkpoint
 
 def torchrun(module: str, *args: str, nproc: int = 1) -> str:
     """Runs ``python -m <module>`` in ``nproc`` torchrun processes and returns the output."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module,
-           *args]
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, f"{module} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout + proc.stderr
+    return run_ok(launch_cmd(nproc, "-m", module, *args))
 
 
 def metrics(save_dir: str) -> dict:
@@ -89,7 +86,7 @@ def _text(rng, n):
 @pytest.fixture(scope="module")
 def pairs_blend(tmp_path_factory, tokenizer_path, audio_dir):
     """Preference shards: caption -> audio pairs, audio in + question -> text pairs, caption + audio pairs."""
-    from megatron_ualm.posttraining.data_tools import preprocess_preferences_main
+    from megatron_ualm.data.cli import preprocess_preferences_main
 
     rng = np.random.default_rng(0)
     records = []
@@ -112,7 +109,7 @@ def pairs_blend(tmp_path_factory, tokenizer_path, audio_dir):
 @pytest.fixture(scope="module")
 def sft_blend(tmp_path_factory, tokenizer_path, audio_dir):
     """Chat shards: Reason kinds with codes, and chats with audio in."""
-    from megatron_ualm.posttraining.data_tools import preprocess_chat_main
+    from megatron_ualm.data.cli import preprocess_chat_main
 
     rng = np.random.default_rng(1)
     rich = {"keywords": ["rain"], "layout": "rain throughout", "description": "light rain"}

@@ -246,6 +246,7 @@ def test_resume_keeps_finished_shards_and_rejects_other_settings(tmp_path, token
     assert "\n" not in err
 
 
+@pytest.mark.slow
 def test_crash_mid_run_then_resume(tmp_path, tokenizer_path, codec_dir, audio_dir):
     """A worker blocks on a FIFO (an unfinished upload); the run is killed, fixed and resumed."""
     names = [f"wav{i % 6}.wav" for i in range(12)]

@@ -15,6 +15,10 @@ import sys
 import time
 
 import pytest
+from ualm_testing import child_env, run_ok
+from ualm_testing import torchrun as launch_cmd
+
+pytestmark = pytest.mark.slow  # measured above 5 s on 2 cores: scripts/run_tests.sh --quick leaves it out
 
 HERE = os.path.dirname(__file__)
 COMMON = [
@@ -27,17 +31,14 @@ COMMON = [
 def torchrun(nproc: int, *args: str, script=None, env=None, log=None):
     """Runs the entry point; with ``log`` (a file path) returns the running process instead."""
     target = [script] if script else ["-m", "megatron_ualm.pretrain"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target, *args]
-    full_env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", **(env or {}))
-    full_env.pop("UALM_FALLBACK_NOTICE_SHOWN", None)  # set by this pytest process's own import
+    cmd = launch_cmd(nproc, *target, *args)
+    full_env = child_env(**(env or {}))
     if log is not None:
         # A file, not a pipe: nobody reads the pipe while the run goes on, and a full pipe
         # would block the run before it reaches the save.
         with open(log, "w") as out:
             return subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=full_env)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout + proc.stderr
+    return run_ok(cmd, env=full_env)
 
 
 def losses(save_dir: str) -> dict:
@@ -227,7 +228,7 @@ def _true_family_counts(iteration: int) -> dict:
 
     from megatron_ualm.config import make_config
     from megatron_ualm.synthetic import FAMILIES
-    from megatron_ualm.training.data import SyntheticDataset
+    from megatron_ualm.synthetic import SyntheticDataset
 
     dataset = SyntheticDataset(make_config("debug"), 64, 100, seed=1234)
     items = [dataset[i] for i in range(4 * (iteration - 1), 4 * iteration)]

@@ -84,12 +84,13 @@ def world(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_checkpoint_describes_itself(world):
     from megatron_ualm.data.tokenizer import TextTokenizer
-    from megatron_ualm.model_record import config_from_checkpoint, read_record
+    from megatron_ualm.checkpoint_format import config_from_checkpoint, read_description
     from megatron_ualm.vocab import layout_fingerprint
 
-    record = read_record(world["ckpt"])
+    record = read_description(world["ckpt"])
     assert record["flavor"] == "debug" and record["trained_by"] == "megatron_ualm.pretrain"
     assert record["vocab"]["tokenizer"]["sha256"] == TextTokenizer(world["tok_a"]).sha256
     assert record["vocab"]["text_vocab_size"] == 224 and record["vocab"]["num_codebooks"] == 8
@@ -98,12 +99,14 @@ def test_checkpoint_describes_itself(world):
     assert (config.hidden_size, config.num_layers, config.vocab_size) == (64, 4, 256)
 
 
+@pytest.mark.slow
 def test_resume_on_data_of_another_tokenizer_is_refused(world):
     proc = run(*COMMON, "--blend-file", world["blend_b"], "--train-iters", "4", "--save", world["ckpt"], "--save-interval", "2",
                "--load", world["ckpt"])
     one_line_error(proc, "token-id layout mismatch", "checkpoint", world["blend_b"], "tokenizer sha256")
 
 
+@pytest.mark.slow
 def test_generate_reads_the_model_from_the_checkpoint(world, tmp_path):
     common = ["--load", world["ckpt"], "--mode", "respond", "--modality", "text", "--prompt", "the dog",
               "--max-new-tokens", "3", "--temperature", "0", "--max-audio-seconds", "0.2"]
@@ -145,6 +148,7 @@ def _lock_by_this_process(directory):
     return directory
 
 
+@pytest.mark.slow
 def test_common_user_errors_end_in_one_line(world, tmp_path):
     missing_iter = str(tmp_path / "missing_iter")
     shutil.copytree(world["ckpt"], missing_iter)

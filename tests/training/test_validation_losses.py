@@ -28,16 +28,22 @@ def test_codebooks_with_cells_and_real_nans_are_kept():
 
 
 def test_the_training_loop_filters_megatron_evaluate(monkeypatch):
+    import argparse
+
     from megatron.training import training as mtraining
 
-    from megatron_ualm.training import loop
+    from megatron_ualm.training import hooks
 
     returned = _megatron_division({"lm loss": (3.0, 1.0), "codebook_3 loss": (0.0, 0.0)})
     monkeypatch.setattr(mtraining, "evaluate", lambda *a, **k: (dict(returned), None, False))
-    loop._install_validation_filter()
-    loop._install_validation_filter()  # installing twice wraps once
-    assert list(mtraining.evaluate()[0]) == ["lm loss"]
-    assert mtraining.evaluate._ualm_original(None)[0].keys() == returned.keys()
-    monkeypatch.setattr(mtraining, "evaluate", lambda *a, **k: (None, None, True))  # time limit hit
-    loop._install_validation_filter()
-    assert mtraining.evaluate() == (None, None, True)
+    ctx = hooks.RunContext(argparse.Namespace(), "test")
+    try:
+        hooks.install(ctx)
+        hooks.install(ctx)  # installing twice wraps once
+        assert list(mtraining.evaluate()[0]) == ["lm loss"]
+        assert mtraining.evaluate._ualm_original(None)[0].keys() == returned.keys()
+        monkeypatch.setattr(mtraining, "evaluate", lambda *a, **k: (None, None, True))  # time limit hit
+        hooks.install(ctx)
+        assert mtraining.evaluate() == (None, None, True)
+    finally:
+        hooks.uninstall()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -22,6 +21,8 @@ import numpy as np
 
 from megatron_ualm.evaluation import metrics
 from megatron_ualm.evaluation.backbones import BACKBONES, Backbone
+from megatron_ualm.files import atomic_file, read_jsonl
+from megatron_ualm.progress import progress_bar
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 # Where each FD backbone's embedding lives in its per-clip outputs.
@@ -63,10 +64,8 @@ def list_clips(folder: str) -> dict[str, str]:
 
 def read_prompts(path: str) -> dict[str, str]:
     """``{id: prompt}`` from a JSONL file of ``{"id": ..., "prompt": ...}`` records."""
-    from megatron_ualm.evaluation.jsonl import read_records
-
     out: dict[str, str] = {}
-    for n, rec in read_records(path):
+    for n, rec in read_jsonl(path):
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or "id" not in rec:
             raise ValueError(f'{path}:{n}: needs "id" and a "prompt" string, e.g. {{"id": "a1", "prompt": "rain on a roof"}}')
         if str(rec["id"]) in out:
@@ -106,17 +105,8 @@ class FeatureCache:
         f = self._file(path, identity)
         if f is None:
             return
-        os.makedirs(os.path.dirname(f), exist_ok=True)
-        tmp = f"{f}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **features)
-        os.replace(tmp, f)
-
-
-def progress(total: int, desc: str, enabled: bool = True):
-    """A progress bar with count, rate and ETA on stderr (tqdm)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="clip", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+        with atomic_file(f) as tmp:
+            np.savez(tmp, **features)
 
 
 def extract(files: dict[str, str], models: dict[str, Backbone], cache: FeatureCache, chunk: int = 32,
@@ -129,7 +119,7 @@ def extract(files: dict[str, str], models: dict[str, Backbone], cache: FeatureCa
     ids = list(files)
     out: dict[str, dict[str, dict]] = {name: {} for name in models}
     identities = {name: m.identity for name, m in models.items()}
-    with progress(len(ids), desc, show_progress) as bar:
+    with progress_bar(len(ids), desc, "clip", show_progress) as bar:
         for start in range(0, len(ids), chunk):
             part = ids[start:start + chunk]
             todo = {}
@@ -184,10 +174,8 @@ class ReferenceStats:
             arrays["passt_probs"] = np.stack([self.passt_probs[i] for i in ids])
         meta = {"identities": self.identities, "num_clips": self.num_clips, "source": self.source, "format": 1}
         arrays["meta"] = np.array(json.dumps(meta))
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            np.savez(tmp, **arrays)
         return path
 
     @classmethod

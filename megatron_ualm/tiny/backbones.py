@@ -6,9 +6,9 @@ code under test runs the real scorer / metric path end to end. Scores from rando
 nothing; they are finite, deterministic for a seed, and differ between clips.
 
 ```python
-from megatron_ualm.evaluation import testing
-clap_dir = testing.write_tiny_clap(tmp / "clap")
-aes_dir = testing.write_tiny_aesthetics(tmp / "aes")
+from megatron_ualm.tiny import backbones
+clap_dir = backbones.write_tiny_clap(tmp / "clap")
+aes_dir = backbones.write_tiny_aesthetics(tmp / "aes")
 load_scorer("clap", clap_dir).score(waves, 16000, texts)
 ```
 """

@@ -12,7 +12,7 @@ from megatron_ualm.codebooks.delay import apply_delay, delay_valid_mask
 from megatron_ualm.data.sequence import Message, build_sample
 from megatron_ualm.inference import GREEDY, GenerationParams, SamplingParams, build_prompt, empty_condition_prompt
 from megatron_ualm.inference.audio import AudioListener
-from megatron_ualm.inference.generator import AUDIO, TEXT, _Row
+from megatron_ualm.inference.decoding import AUDIO, TEXT, _Row
 
 FIXED = dict(max_audio_seconds=0.3, min_audio_seconds=0.3, stop_at_eot=True, max_new_tokens=4)  # 15 frames, no early stop
 SAMPLED = SamplingParams(temperature=1.0, top_k=20, top_p=0.95)

@@ -202,8 +202,9 @@ def dpo_forward_step(dpo: DPOConfig, data_iterator, model):
     reference = batch.reference
     if reference is None:
         if get_attr_wrapped_model(model, "post_process"):
-            raise RuntimeError("a DPO micro-batch reached the loss without reference log-probs; attach them with "
-                               "megatron_ualm.posttraining.reference.install (python -m megatron_ualm.dpo does)")
+            raise RuntimeError("a DPO micro-batch reached the loss without reference log-probs; attach them with a "
+                               "posttraining.reference.ReferenceSource (python -m megatron_ualm.dpo does, through the "
+                               "ReferenceLogProbs training extension)")
         # Only the last stage reads the reference; elsewhere the loss function is never called.
         reference = torch.full((batch.num_pairs, 2, 1 + config.num_codebooks), float("nan"))
     return output, partial(dpo_loss, config, dpo, batch.rows.loss_mask, batch.rows.code_loss_mask, reference)

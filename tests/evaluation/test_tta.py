@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from megatron_ualm import evaluate
-from megatron_ualm.evaluation import generation, metrics, testing
+from megatron_ualm.evaluation import metrics, tta
+from megatron_ualm.tiny import backbones as tiny_models
 from megatron_ualm.evaluation.report import PAPER_COLUMNS, markdown_table
 
 IDS = [f"clip{i:02d}" for i in range(6)]
@@ -18,9 +19,9 @@ IDS = [f"clip{i:02d}" for i in range(6)]
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("clips")
-    testing.write_clips(root / "ref", IDS, seconds=0.5, seed=1, rates=[16000, 44100])
+    tiny_models.write_clips(root / "ref", IDS, seconds=0.5, seed=1, rates=[16000, 44100])
     # Generated clips carry generate's "_0" suffix; one extra clip has no reference and no prompt.
-    testing.write_clips(root / "gen", [f"{i}_0" for i in IDS] + ["extra"], seconds=0.5, seed=2)
+    tiny_models.write_clips(root / "gen", [f"{i}_0" for i in IDS] + ["extra"], seconds=0.5, seed=2)
     with open(root / "prompts.jsonl", "w") as f:
         for i in IDS:
             f.write(json.dumps({"id": i, "prompt": f"sound number {i}"}) + "\n")
@@ -40,12 +41,13 @@ def _flags(tiny_backbones, names=("openl3", "passt", "panns", "clap", "aesthetic
     return out + ["--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_cli_reference_then_generation(folders, tiny_backbones, cache_dir, tmp_path, capsys):
     cache = cache_dir
     ref = str(tmp_path / "ref.npz")
     evaluate.main(["reference", "--audio-dir", str(folders / "ref"), "--out", ref, "--cache-dir", cache,
                    "--fd-backbones", "openl3", "panns", *_flags(tiny_backbones, ("openl3", "passt", "panns"))])
-    stats = generation.ReferenceStats.load(ref)
+    stats = tta.ReferenceStats.load(ref)
     assert stats.num_clips == 6 and set(stats.fd) == {"openl3", "panns"} and set(stats.passt_probs) == set(IDS)
     out = tmp_path / "out"
     evaluate.main(["generation", "--audio-dir", str(folders / "gen"), "--prompts", str(folders / "prompts.jsonl"),
@@ -71,14 +73,15 @@ def test_cli_reference_then_generation(folders, tiny_backbones, cache_dir, tmp_p
     assert np.mean([float(r["clap"]) for r in rows if r["clap"]]) == pytest.approx(m["CL"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_metrics_equal_the_math_on_the_backbone_outputs(folders, loaded_backbones, cache_dir):
-    ref_files, gen_files = generation.list_clips(str(folders / "ref")), generation.list_clips(str(folders / "gen"))
+    ref_files, gen_files = tta.list_clips(str(folders / "ref")), tta.list_clips(str(folders / "gen"))
     models = {k: loaded_backbones[k] for k in ("openl3", "passt", "panns")}
-    cache = generation.FeatureCache(cache_dir)
-    stats = generation.compute_reference(ref_files, models, cache, show_progress=False)
-    res = generation.evaluate_clips(gen_files, models, stats, show_progress=False)
-    gen = generation.extract(gen_files, models, cache, show_progress=False)
-    ref = generation.extract(ref_files, models, cache, show_progress=False)
+    cache = tta.FeatureCache(cache_dir)
+    stats = tta.compute_reference(ref_files, models, cache, show_progress=False)
+    res = tta.evaluate_clips(gen_files, models, stats, show_progress=False)
+    gen = tta.extract(gen_files, models, cache, show_progress=False)
+    ref = tta.extract(ref_files, models, cache, show_progress=False)
     frames = lambda f: np.concatenate([f[i]["openl3"] for i in f])  # noqa: E731  every OpenL3 frame
     want_fd = metrics.frechet_distance(*metrics.embedding_statistics(frames(gen["openl3"])),
                                        *metrics.embedding_statistics(frames(ref["openl3"])))
@@ -103,51 +106,51 @@ class _Counting:
 
 
 def test_feature_cache_is_reused_and_invalidated(folders, loaded_backbones, tmp_path):
-    files = generation.list_clips(str(folders / "ref"))
-    cache = generation.FeatureCache(str(tmp_path / "cache"))
+    files = tta.list_clips(str(folders / "ref"))
+    cache = tta.FeatureCache(str(tmp_path / "cache"))
     counting = _Counting(loaded_backbones["passt"])
-    first = generation.extract(files, {"passt": counting}, cache, show_progress=False)
+    first = tta.extract(files, {"passt": counting}, cache, show_progress=False)
     assert counting.seen == 6
-    again = generation.extract(files, {"passt": counting}, cache, show_progress=False)
+    again = tta.extract(files, {"passt": counting}, cache, show_progress=False)
     assert counting.seen == 6  # all from the cache
     assert all(np.array_equal(first["passt"][i]["passt_logits"], again["passt"][i]["passt_logits"]) for i in IDS)
     os.utime(files[IDS[0]], ns=(1, 1))  # a touched file is recomputed
-    generation.extract(files, {"passt": counting}, cache, show_progress=False)
+    tta.extract(files, {"passt": counting}, cache, show_progress=False)
     assert counting.seen == 7
 
 
 def test_reference_from_other_weights_is_not_used(folders, tiny_backbones, tmp_path):
     from megatron_ualm.evaluation.backbones import PaSST
 
-    files = generation.list_clips(str(folders / "ref"))
-    stats = generation.compute_reference(files, {"passt": PaSST(tiny_backbones["passt"], device="cpu")},
-                                         generation.FeatureCache(None), fd_backbones=(), show_progress=False)
-    other = PaSST(testing.write_tiny_passt(tmp_path / "other", seed=5), device="cpu")
-    res = generation.evaluate_clips(files, {"passt": other}, stats, show_progress=False)
+    files = tta.list_clips(str(folders / "ref"))
+    stats = tta.compute_reference(files, {"passt": PaSST(tiny_backbones["passt"], device="cpu")},
+                                         tta.FeatureCache(None), fd_backbones=(), show_progress=False)
+    other = PaSST(tiny_models.write_tiny_passt(tmp_path / "other", seed=5), device="cpu")
+    res = tta.evaluate_clips(files, {"passt": other}, stats, show_progress=False)
     assert "KL" not in res.metrics and any("another PaSST checkpoint" in n for n in res.notes)
 
 
 def test_reference_stats_round_trip_and_bad_files(tmp_path):
-    stats = generation.ReferenceStats({"openl3": (np.ones(3), np.eye(3))}, {"a": np.full(4, 0.25)}, {"openl3": "x"}, 5, "src")
-    back = generation.ReferenceStats.load(stats.save(str(tmp_path / "s.npz")))
+    stats = tta.ReferenceStats({"openl3": (np.ones(3), np.eye(3))}, {"a": np.full(4, 0.25)}, {"openl3": "x"}, 5, "src")
+    back = tta.ReferenceStats.load(stats.save(str(tmp_path / "s.npz")))
     assert back.num_clips == 5 and np.array_equal(back.fd["openl3"][1], np.eye(3)) and list(back.passt_probs) == ["a"]
     (tmp_path / "bad.npz").write_bytes(b"junk")
     with pytest.raises(ValueError, match="bad.npz: not a reference-statistics file"):
-        generation.ReferenceStats.load(str(tmp_path / "bad.npz"))
+        tta.ReferenceStats.load(str(tmp_path / "bad.npz"))
     with pytest.raises(FileNotFoundError, match="megatron_ualm.evaluate reference"):
-        generation.ReferenceStats.load(str(tmp_path / "missing.npz"))
+        tta.ReferenceStats.load(str(tmp_path / "missing.npz"))
 
 
 def test_inputs_are_checked(tmp_path, tiny_backbones):
     (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "x"}\n{"id": "a"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:2: needs \"id\" and a \"prompt\""):
-        generation.read_prompts(str(tmp_path / "p.jsonl"))
+        tta.read_prompts(str(tmp_path / "p.jsonl"))
     (tmp_path / "d").mkdir()
     with pytest.raises(ValueError, match="holds no audio files"):
-        generation.list_clips(str(tmp_path / "d"))
+        tta.list_clips(str(tmp_path / "d"))
     (tmp_path / "d" / "x.wav").write_bytes(b"RIFF0000WAVEjunk")
     with pytest.raises(ValueError, match="x.wav: cannot decode audio"):
-        generation.read_clip(str(tmp_path / "d" / "x.wav"))
+        tta.read_clip(str(tmp_path / "d" / "x.wav"))
     with pytest.raises(SystemExit):  # argparse: neither clips nor a model
         evaluate.parse_args(["generation", "--out", str(tmp_path), "--openl3-path", tiny_backbones["openl3"]])
     with pytest.raises(SystemExit):  # no backbone at all
@@ -161,6 +164,7 @@ def test_markdown_table_order_and_missing_values():
     assert text.splitlines()[2] == "| a | 2 | - | - | 0.5 | - | 6 |"
 
 
+@pytest.mark.slow
 def test_generate_then_evaluate(decoding_inputs, tiny_backbones, tmp_path):
     """--random-init: the debug model decodes every prompt (CFG), the clips are written and scored."""
     import subprocess

@@ -1,4 +1,4 @@
-"""Makes Megatron's checkpoints appear only when complete.
+"""Makes Megatron's checkpoints appear only when complete (installed by ``training.hooks``).
 
 Megatron writes ``iter_XXXXXXX/`` and then ``latest_checkpointed_iteration.txt``, so a run
 killed during a save leaves the tracker on the previous iteration. Two gaps remain, closed
@@ -27,15 +27,15 @@ import os
 import shutil
 import sys
 
-TRACKER_NAME = "latest_checkpointed_iteration.txt"
-PARTIAL_SUFFIX = ".partial"
+from megatron_ualm.checkpoint_format import PARTIAL_SUFFIX, TRACKER, iteration_folder
+from megatron_ualm.files import atomic_write
 
 
 def _publish(save_dir: str, content: str) -> None:
     """Renames the finished ``iter_N.partial`` of the iteration the tracker names, if any."""
     if not content.strip().isdigit():
         return
-    final = os.path.join(save_dir, "iter_{:07d}".format(int(content)))
+    final = os.path.join(save_dir, iteration_folder(int(content)))
     partial = final + PARTIAL_SUFFIX
     if os.path.isdir(partial):
         if os.path.isdir(final):  # the same iteration saved again (e.g. after a resume)
@@ -54,12 +54,7 @@ class _AtomicTracker(io.StringIO):
         if not self.closed:
             content = self.getvalue()
             _publish(os.path.dirname(self.path), content)
-            tmp = f"{self.path}.tmp.{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            atomic_write(self.path, content)
         super().close()
 
 
@@ -70,7 +65,7 @@ class _MscWithAtomicTracker:
         self._msc = msc
 
     def open(self, path, mode="r", *args, **kwargs):
-        if "w" in mode and isinstance(path, (str, os.PathLike)) and os.fspath(path).endswith(TRACKER_NAME):
+        if "w" in mode and isinstance(path, (str, os.PathLike)) and os.fspath(path).endswith(TRACKER):
             return _AtomicTracker(os.fspath(path))
         return self._msc.open(path, mode, *args, **kwargs)
 
@@ -134,11 +129,11 @@ def _stop_out_of_space(save_dir: str, iteration: int, err: BaseException) -> Non
     the tracker and the data position stay as they were."""
     import torch
 
-    partial = os.path.join(save_dir, "iter_{:07d}".format(iteration) + PARTIAL_SUFFIX)
+    partial = os.path.join(save_dir, iteration_folder(iteration) + PARTIAL_SUFFIX)
     first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     if first:
         shutil.rmtree(partial, ignore_errors=True)
-        tracker = os.path.join(save_dir, TRACKER_NAME)
+        tracker = os.path.join(save_dir, TRACKER)
         kept = open(tracker).read().strip() if os.path.isfile(tracker) else None
         keep = (f"the previous checkpoint (iteration {kept}) is kept and --load {save_dir} resumes from it"
                 if kept else "no earlier checkpoint exists")
@@ -148,42 +143,50 @@ def _stop_out_of_space(save_dir: str, iteration: int, err: BaseException) -> Non
     raise SystemExit(1)
 
 
-def make_checkpoints_atomic() -> None:
-    """Installs partial-directory saves and the atomic tracker into ``megatron.training``."""
-    from megatron.training import checkpointing, training
+def install(checkpointing, training, wrap) -> None:
+    """Installs partial-directory saves and the atomic tracker into ``megatron.training``.
 
-    if isinstance(checkpointing.maybe_msc, _MscWithAtomicTracker):
-        return
-    checkpointing.maybe_msc = _MscWithAtomicTracker(checkpointing.maybe_msc)
-    final_name = checkpointing.get_checkpoint_name
-    save = checkpointing.save_checkpoint
+    Args:
+        checkpointing: ``megatron.training.checkpointing``.
+        training: ``megatron.training.training`` (it calls ``save_checkpoint`` by its own name).
+        wrap: ``training.hooks.wrap`` (takes off an earlier run's wrapper first).
+    """
+    saving = {"now": False}  # whether a save is in progress (names are partial only then)
+    wrap(checkpointing, "maybe_msc", _MscWithAtomicTracker)
 
-    @functools.wraps(final_name)
-    def partial_name(checkpoints_path, iteration, release=False, *args, **kwargs):
-        name = final_name(checkpoints_path, iteration, release, *args, **kwargs)
-        if release:
-            return name
-        base = os.path.join(checkpoints_path, "iter_{:07d}".format(iteration))
-        return base + PARTIAL_SUFFIX + name[len(base):]
+    def make_name(final_name):
+        @functools.wraps(final_name)
+        def get_checkpoint_name(checkpoints_path, iteration, release=False, *args, **kwargs):
+            name = final_name(checkpoints_path, iteration, release, *args, **kwargs)
+            if release or not saving["now"]:
+                return name
+            base = os.path.join(checkpoints_path, iteration_folder(iteration))
+            return base + PARTIAL_SUFFIX + name[len(base):]
 
-    @functools.wraps(save)
-    def save_into_partial(iteration, *args, **kwargs):
-        checkpointing.get_checkpoint_name = partial_name
-        watch = _ENOSPCWatch()
-        try:
-            return save(iteration, *args, **kwargs)
-        except BaseException as err:  # torch's CheckpointException derives from BaseException
-            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        return get_checkpoint_name
+
+    def make_save(save):
+        @functools.wraps(save)
+        def save_into_partial(iteration, *args, **kwargs):
+            saving["now"] = True
+            watch = _ENOSPCWatch()
+            try:
+                return save(iteration, *args, **kwargs)
+            except BaseException as err:  # torch's CheckpointException derives from BaseException
+                if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                    raise
+                from megatron.training import get_args
+
+                save_dir = get_args().save
+                if watch.seen or _errno_in(err, errno.ENOSPC) or _free_bytes(save_dir) < LOW_SPACE_BYTES:
+                    _stop_out_of_space(save_dir, iteration, err)
                 raise
-            from megatron.training import get_args
+            finally:
+                watch.close()
+                saving["now"] = False
 
-            save_dir = get_args().save
-            if watch.seen or _errno_in(err, errno.ENOSPC) or _free_bytes(save_dir) < LOW_SPACE_BYTES:
-                _stop_out_of_space(save_dir, iteration, err)
-            raise
-        finally:
-            watch.close()
-            checkpointing.get_checkpoint_name = final_name
+        return save_into_partial
 
-    checkpointing.save_checkpoint = save_into_partial
-    training.save_checkpoint = save_into_partial
+    wrap(checkpointing, "get_checkpoint_name", make_name)
+    wrap(checkpointing, "save_checkpoint", make_save)
+    wrap(training, "save_checkpoint", make_save)

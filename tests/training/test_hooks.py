@@ -1,0 +1,120 @@
+"""The hook layer around Megatron's loop (``training.hooks``): one wrapper per Megatron function
+whatever ran before in the process, taken off at the end of a run, and the extensions called in
+their documented order."""
+
+import argparse
+import importlib
+
+import pytest
+
+from megatron_ualm.training import hooks
+
+
+def _megatron_functions():
+    return {(m, n): getattr(importlib.import_module(m), n) for m, n in hooks.WRAPPED}
+
+
+class _Counts:
+    """The ``[UALM]`` metrics of a run whose throughput is not under test."""
+
+    def report(self):
+        return {"tokens_per_sec_per_gpu": 1.0}
+
+
+class _Recorder(hooks.TrainingExtension):
+    def __init__(self, calls, tag):
+        self.calls, self.tag = calls, tag
+
+    def after_step(self, ctx, iteration):
+        self.calls.append(f"{self.tag} after_step {iteration}")
+
+    def after_log(self, ctx, iteration, loss_dict):
+        self.calls.append(f"{self.tag} after_log {iteration}")
+
+
+def _context(extensions):
+    ctx = hooks.RunContext(argparse.Namespace(log_interval=2, save=None), "test", list(extensions))
+    ctx._throughput = _Counts()
+    return ctx
+
+
+def test_install_replaces_and_uninstall_restores(monkeypatch):
+    from megatron.training import training as mtraining
+
+    megatron_own = _megatron_functions()
+    try:
+        hooks.install(_context([]))
+        first = _megatron_functions()
+        assert all(first[k] is not megatron_own[k] for k in megatron_own), "every listed function is wrapped"
+        hooks.install(_context([]))  # a second run in the same process
+        for key, wrapper in _megatron_functions().items():
+            assert wrapper._ualm_original is megatron_own[key], f"{key} stacked on an earlier run's wrapper"
+        assert mtraining.get_forward_backward_func._ualm_original is megatron_own[
+            ("megatron.training.training", "get_forward_backward_func")]
+    finally:
+        hooks.uninstall()
+    assert _megatron_functions() == megatron_own
+
+
+def test_a_dpo_run_leaves_nothing_for_the_next_run(monkeypatch, capsys):
+    """After a run with a log-line extension, a plain run in the same process logs no stale line."""
+    from megatron.training import training as mtraining
+
+    calls = []
+    monkeypatch.setattr(mtraining, "training_log", lambda *a, **k: calls.append("megatron line"))
+    try:
+        hooks.install(_context([_Recorder(calls, "dpo")]))
+        mtraining.training_log({}, {}, 0.1, 2)
+        assert calls == ["dpo after_step 2", "megatron line", "dpo after_log 2"]
+        calls.clear()
+        hooks.install(_context([_Recorder(calls, "eval")]))
+        mtraining.training_log({}, {}, 0.1, 3)  # not a log iteration: after_step only
+        mtraining.training_log({}, {}, 0.1, 4)
+        assert calls == ["eval after_step 3", "megatron line", "eval after_step 4", "megatron line", "eval after_log 4"]
+    finally:
+        hooks.uninstall()
+    assert "[UALM] iteration        4" in capsys.readouterr().out
+
+
+def test_schedule_is_shown_to_extensions_only_when_one_wants_it(monkeypatch):
+    from megatron.training import training as mtraining
+
+    def schedule(**call):
+        return call["data_iterator"]
+
+    monkeypatch.setattr(mtraining, "get_forward_backward_func", lambda *a, **k: schedule)
+
+    class Doubler(hooks.TrainingExtension):
+        def before_schedule(self, ctx, call):
+            call["data_iterator"] = [2 * x for x in call["data_iterator"]]
+
+    try:
+        hooks.install(_context([]))
+        assert mtraining.get_forward_backward_func() is schedule  # nothing to show: Megatron's own
+        hooks.install(_context([Doubler()]))
+        assert mtraining.get_forward_backward_func()(data_iterator=[1, 2]) == [2, 4]
+    finally:
+        hooks.uninstall()
+
+
+def test_run_context_finds_its_extensions():
+    calls = []
+    ctx = _context([_Recorder(calls, "a")])
+    assert ctx.extension(_Recorder) is ctx.extensions[0]
+    class Other(hooks.TrainingExtension):
+        pass
+
+    with pytest.raises(LookupError, match="no Other extension"):
+        ctx.extension(Other)
+
+
+def test_importing_the_package_changes_nothing_outside_it():
+    import subprocess
+    import sys
+
+    code = ("import warnings; before = warnings.showwarning; import megatron_ualm, megatron_ualm.api, "
+            "megatron_ualm.data.cli, megatron_ualm.training.loop; assert warnings.showwarning is before")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={"TORCHDYNAMO_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
