@@ -34,19 +34,27 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from megatron_ualm.evaluation.during_training import AudioEvalDuringTraining
-from megatron_ualm.posttraining import dpo_training
-from megatron_ualm.training import loop
 
-ENTRY = loop.TrainingEntry(
-    "dpo", dpo_training.datasets_provider, dpo_training.forward_step, add_args=dpo_training.add_args,
-    check_data=dpo_training.check_data,
-    extensions=(AudioEvalDuringTraining, dpo_training.ReferenceLogProbs, dpo_training.LogProbLine))
+def entry():
+    """The ``TrainingEntry`` of this program (heavy imports here, after the warning summary is on)."""
+    from megatron_ualm.evaluation.during_training import AudioEvalDuringTraining
+    from megatron_ualm.posttraining import dpo_training
+    from megatron_ualm.training import loop
+
+    return loop.TrainingEntry(
+        "dpo", dpo_training.datasets_provider, dpo_training.forward_step, add_args=dpo_training.add_args,
+        check_data=dpo_training.check_data,
+        extensions=(AudioEvalDuringTraining, dpo_training.ReferenceLogProbs, dpo_training.LogProbLine))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parses the command line and runs DPO on Megatron's loop."""
-    loop.run(ENTRY, argv)
+    from megatron_ualm.compat import quiet
+
+    quiet.install()  # before Megatron-Core is imported: its fallback warnings become one line
+    from megatron_ualm.training import loop
+
+    loop.run(entry(), argv)
 
 
 if __name__ == "__main__":

@@ -301,10 +301,10 @@ def run_text(args) -> None:
 
 
 def main(argv: Optional[list] = None) -> None:
-    args = parse_args(argv)
     from megatron_ualm.compat import quiet
 
-    quiet.install()
+    quiet.install()  # before Megatron-Core is imported: its fallback warnings become one line
+    args = parse_args(argv)
     try:
         {"reference": run_reference, "generation": run_generation, "understanding": run_understanding,
          "text": run_text}[args.task](args)

@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from megatron_ualm.checkpoint_format import has_checkpoint
-from megatron_ualm.evaluation.during_training import AudioEvalDuringTraining
-from megatron_ualm.training import checks, loop, providers
-
 
 def check_data(args: argparse.Namespace) -> None:
     """A starting checkpoint and a readable blend without DPO pairs."""
+    from megatron_ualm.checkpoint_format import has_checkpoint
+    from megatron_ualm.training import checks
+
     checks.check_blend(args)
     if not any(has_checkpoint(p) for p in (args.pretrained_checkpoint, args.load)):
         given = args.pretrained_checkpoint or args.load
@@ -50,13 +49,23 @@ def check_data(args: argparse.Namespace) -> None:
                              "with python -m megatron_ualm.dpo")
 
 
-ENTRY = loop.TrainingEntry("finetune", providers.datasets_provider, providers.forward_step, check_data=check_data,
-                           extensions=(AudioEvalDuringTraining,))
+def entry():
+    """The ``TrainingEntry`` of this program (heavy imports here, after the warning summary is on)."""
+    from megatron_ualm.evaluation.during_training import AudioEvalDuringTraining
+    from megatron_ualm.training import loop, providers
+
+    return loop.TrainingEntry("finetune", providers.datasets_provider, providers.forward_step, check_data=check_data,
+                              extensions=(AudioEvalDuringTraining,))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parses the command line and runs SFT on Megatron's loop."""
-    loop.run(ENTRY, argv)
+    from megatron_ualm.compat import quiet
+
+    quiet.install()  # before Megatron-Core is imported: its fallback warnings become one line
+    from megatron_ualm.training import loop
+
+    loop.run(entry(), argv)
 
 
 if __name__ == "__main__":

@@ -132,10 +132,10 @@ def read_prompts(args) -> list[dict]:
 
 
 def main(argv: Optional[list] = None) -> None:
-    args = parse_args(argv)
     from megatron_ualm.compat import quiet
 
-    quiet.install()
+    quiet.install()  # before Megatron-Core is imported: its fallback warnings become one line
+    args = parse_args(argv)
     import dataclasses
 
     import torch

@@ -20,16 +20,24 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from megatron_ualm.evaluation.during_training import AudioEvalDuringTraining
-from megatron_ualm.training import loop, providers
 
-ENTRY = loop.TrainingEntry("pretrain", providers.datasets_provider, providers.forward_step,
-                           extensions=(AudioEvalDuringTraining,))
+def entry():
+    """The ``TrainingEntry`` of this program (heavy imports here, after the warning summary is on)."""
+    from megatron_ualm.evaluation.during_training import AudioEvalDuringTraining
+    from megatron_ualm.training import loop, providers
+
+    return loop.TrainingEntry("pretrain", providers.datasets_provider, providers.forward_step,
+                              extensions=(AudioEvalDuringTraining,))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Parses the command line and runs Megatron's ``pretrain`` on UALM."""
-    loop.run(ENTRY, argv)
+    """Parses the command line and runs Megatron's pretraining loop on UALM."""
+    from megatron_ualm.compat import quiet
+
+    quiet.install()  # before Megatron-Core is imported: its fallback warnings become one line
+    from megatron_ualm.training import loop
+
+    loop.run(entry(), argv)
 
 
 if __name__ == "__main__":

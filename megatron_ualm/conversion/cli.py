@@ -88,11 +88,11 @@ def _dtypes():
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from megatron_ualm.compat import quiet
 
-    quiet.install()
+    quiet.install()  # before Megatron-Core is imported: its fallback warnings become one line
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from megatron_ualm.errors import CheckpointError
     from megatron_ualm.vocab import VocabMismatch
 

@@ -1,6 +1,6 @@
 """Configs across the boundary: HF ``Qwen2Config`` / encoder configs <-> ``UALMConfig``.
 
-The ``ualm`` record a checkpoint carries (flavor, architecture, vocabulary layout, codec) is
+The ``ualm`` description a checkpoint carries (flavor, architecture, vocabulary layout, codec) is
 defined in ``megatron_ualm.checkpoint_format``; this module maps HF configs onto it.
 """
 

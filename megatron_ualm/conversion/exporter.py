@@ -16,8 +16,8 @@ Layout of the exported directory::
         ``AudioFlamingo3Encoder`` or ``WhisperEncoder``); ``from_pretrained`` loads it and it
         can serve as ``UALMConfig.audio_encoder_path``.
     ualm_config.json
-        ``record``: flavor, every architecture field, codec identity, dtype; ``special_tokens``:
-        the special-token ids; ``layout``: this description. Its presence makes the importer
+        ``description``: flavor, every architecture field, codec identity, dtype; ``special_tokens``:
+        the special-token ids; ``layout``: the version of this file's layout. Its presence makes the importer
         restore every tensor exactly.
     tokenizer files, copied from ``--tokenizer`` when given.
 """
@@ -75,13 +75,13 @@ def _hf_names(unit_name: str, tensors: Dict[str, torch.Tensor], config) -> Dict[
     return {names[k]: v for k, v in tensors.items() if k in names}
 
 
-def _check_tokenizer(record: Dict[str, Any], tokenizer_dir: str, ckpt: str) -> None:
+def _check_tokenizer(description: Dict[str, Any], tokenizer_dir: str, ckpt: str) -> None:
     """The tokenizer copied into the export must be the one the checkpoint was trained with."""
     path = os.path.join(tokenizer_dir, "tokenizer.json")
     if os.path.isfile(path):
         from megatron_ualm.data.tokenizer import TextTokenizer
 
-        checkpoint_format.check_tokenizer(record, TextTokenizer(path).identity(), ckpt, path)
+        checkpoint_format.check_tokenizer(description, TextTokenizer(path).identity(), ckpt, path)
 
 
 def export_hf(
@@ -102,7 +102,7 @@ def export_hf(
         output: directory to create.
         tokenizer: directory whose tokenizer files are copied alongside.
         dtype: output dtype (default: the checkpoint's).
-        flavor: optional; checked against the checkpoint's record. Needed only for checkpoints
+        flavor: optional; checked against the checkpoint's description. Needed only for checkpoints
             that do not describe their model (bare ``dist_checkpointing`` saves).
         overrides: ``UALMConfig`` fields of such a run that differ from the flavor.
         max_shard_size: safetensors shard size (e.g. ``5GB``); memory stays near one shard.
@@ -114,20 +114,20 @@ def export_hf(
     ckpt = checkpoint_format.resolve_checkpoint(load)
     if os.path.isdir(output) and os.listdir(output):
         raise ConversionError(f"output directory {output} is not empty; choose a new one")
-    record = checkpoint_format.read_description(ckpt)
-    if record is not None:
-        checkpoint_format.check_flavor(record, flavor, ckpt)
-        config = checkpoint_format.config_from_description(record, **(overrides or {}))
+    description = checkpoint_format.read_description(ckpt)
+    if description is not None:
+        checkpoint_format.check_flavor(description, flavor, ckpt)
+        config = checkpoint_format.config_from_description(description, **(overrides or {}))
     elif flavor is not None:
         config = checkpoint_format.config_from_checkpoint(ckpt, flavor, **(overrides or {}))
-        record = checkpoint_format.describe_model(config, flavor, codec=None, source=os.path.abspath(ckpt))
+        description = checkpoint_format.describe_model(config, flavor, codec=None, source=os.path.abspath(ckpt))
     else:
         raise ConversionError(
-            f"{ckpt} does not describe its model (no 'ualm' record, no training args): pass --flavor "
+            f"{ckpt} does not describe its model (no 'ualm' description, no training args): pass --flavor "
             "(and --override for fields the training run changed)"
         )
     if tokenizer is not None:
-        _check_tokenizer(record, tokenizer, ckpt)
+        _check_tokenizer(description, tokenizer, ckpt)
     out_dtype = checkpoint_format.DTYPES[dtype] if dtype else config.params_dtype
     model = structure_model(config)
     units = model_units(model)
@@ -157,10 +157,10 @@ def export_hf(
         enc_cfg["dtype"] = checkpoint_format.dtype_name(out_dtype)
         with open(os.path.join(output, ENCODER_SUBDIR, "config.json"), "w") as f:
             json.dump(enc_cfg, f, indent=2)
-    record = dict(record, params_dtype=checkpoint_format.dtype_name(out_dtype))
+    description = dict(description, params_dtype=checkpoint_format.dtype_name(out_dtype))
     vocab = UALMVocab.from_config(config)
     with open(os.path.join(output, UALM_CONFIG_FILE), "w") as f:
-        json.dump(dict(record=record, special_tokens={t: vocab.special(t) for t in SPECIAL_TOKENS}, layout=LAYOUT),
+        json.dump(dict(description=description, special_tokens={t: vocab.special(t) for t in SPECIAL_TOKENS}, layout=LAYOUT),
                   f, indent=2)
     if tokenizer is not None:
         copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer, n))]

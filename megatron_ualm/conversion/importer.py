@@ -323,19 +323,20 @@ def import_hf(
     parts = encoder_reader = None
     encoder_prefix = ""
     if os.path.isfile(exported_path):
-        record = read_json(exported_path)["record"]
+        exported = read_json(exported_path)
+        description = exported.get("description") or exported["record"]  # "record": exports before 2026-12
         fields = dict(overrides or {})
         if dtype:
             fields["params_dtype"] = checkpoint_format.DTYPES[dtype]
-        config = checkpoint_format.config_from_description(record, **fields)
-        flavor = record["flavor"]
+        config = checkpoint_format.config_from_description(description, **fields)
+        flavor = description["flavor"]
         parts = SafetensorsReader.from_file(os.path.join(hf_dir, UALM_AUDIO_FILE))
         if config.audio_encoder_type is not None:
             encoder_reader = SafetensorsReader(os.path.join(hf_dir, ENCODER_SUBDIR))
-        codec_record = record.get("codec")
+        codec_description = description.get("codec")
         tokenizer = _hf_tokenizer(hf_dir)
         if tokenizer is not None:
-            checkpoint_format.check_tokenizer(record, tokenizer.identity(), exported_path, str(tokenizer.path))
+            checkpoint_format.check_tokenizer(description, tokenizer.identity(), exported_path, str(tokenizer.path))
     else:
         flavor = configs.resolve_flavor(arch, flavor, os.path.join(hf_dir, "config.json"))
         fields = dict(overrides or {})
@@ -351,7 +352,7 @@ def import_hf(
             encoder_reader = SafetensorsReader(audio_encoder)
         fields["params_dtype"] = checkpoint_format.DTYPES[dtype or arch["_dtype"]]
         config = configs.build_config(flavor, arch, fields)
-        codec_record = codec_identity(codec, config)
+        codec_description = codec_identity(codec, config)
     configs.check_parallel(config, tp, pp)
 
     hf = SafetensorsReader(hf_dir)
@@ -361,15 +362,15 @@ def import_hf(
         probe = next(k for u in units.values() for k in u.slots if k.startswith("audio_encoder.model."))
         encoder_prefix = _encoder_prefix(encoder_reader, probe[len("audio_encoder.model."):], encoder_prefix)
     source = _Source(config, hf, seed, encoder_reader, encoder_prefix, parts)
-    record = checkpoint_format.describe_model(
+    description = checkpoint_format.describe_model(
         config, flavor, tokenizer.identity() if tokenizer is not None else None,
-        codec=codec_record,
+        codec=codec_description,
         source=os.path.abspath(hf_dir),
         audio_encoder_source=os.path.abspath(audio_encoder) if audio_encoder else None,
         init=dict(seed=seed, rule="megatron_ualm.conversion.importer", noise_scale=NOISE_SCALE),
         target_parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
     )
-    common = {"checkpoint_version": 3.0, "iteration": 0, "ualm": record}
+    common = {"checkpoint_version": 3.0, "iteration": 0, "ualm": description}
     with quiet_megatron_logs():
         writer = StreamingCheckpointWriter(output, common)
         try:

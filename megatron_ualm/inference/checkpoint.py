@@ -2,7 +2,7 @@
 distributed checkpoint; the command-line flags that name that model.
 
 The checkpoint describes its own model (``megatron_ualm.checkpoint_format``): ``load_model`` builds
-this rank's stage from the record at the current TP / PP and loads the weights, which
+this rank's stage from the description at the current TP / PP and loads the weights, which
 ``dist_checkpointing`` reshards from whatever TP / PP they were saved at.
 """
 
@@ -57,9 +57,9 @@ def load_model(path: str, *, flavor: Optional[str] = None, tokenizer=None, bf16:
 
     from megatron_ualm import api
 
-    record = read_description(path)
+    description = read_description(path)
     if tokenizer is not None:
-        check_tokenizer(record, tokenizer.identity(), path, str(getattr(tokenizer, "path", tokenizer)))
+        check_tokenizer(description, tokenizer.identity(), path, str(getattr(tokenizer, "path", tokenizer)))
     fields = dict(
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),

@@ -621,8 +621,8 @@ def _decode(args, launch: jobs.Launch, records: Sequence[PromptRecord], done: se
 def make_preference_pairs_main(argv: Optional[Sequence[str]] = None) -> int:
     """``tools/make_preference_pairs.py`` / ``ualm-make-preference-pairs``."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    quiet.install()  # before Megatron-Core is imported: its fallback warnings become one line
     args = parse_args(argv)
-    quiet.install()
     try:
         run(args)
     except ValueError as err:

@@ -509,8 +509,8 @@ def run(args) -> None:
 def build_reflection_data_main(argv: Optional[Sequence[str]] = None) -> int:
     """``tools/build_reflection_data.py`` / ``ualm-build-reflection-data``."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    quiet.install()  # before Megatron-Core is imported: its fallback warnings become one line
     args = parse_args(argv)
-    quiet.install()
     try:
         run(args)
     except ValueError as err:

@@ -1,6 +1,6 @@
 """One rank of a checkpoint-load run (launched by test_conversion.py through torchrun).
 
-Builds the UALM model described by the checkpoint's ``ualm`` record at the requested TP / PP,
+Builds the UALM model described by the checkpoint's ``ualm`` description at the requested TP / PP,
 resolves the ``--load`` directory with Megatron's own tracker functions, loads the model the
 way ``megatron.training.checkpointing.load_checkpoint`` does for ``torch_dist`` (a ``model``
 entry holding ``model.sharded_state_dict()``, then a strict ``load_state_dict``), runs a
@@ -34,9 +34,9 @@ def main():
     api.initialize_parallel(args.tp, args.pp, seed=1, timeout_minutes=2)
     iteration, release = read_metadata(get_checkpoint_tracker_filename(args.load))
     ckpt = get_checkpoint_name(args.load, iteration, release, return_base_dir=True)
-    record = dist_checkpointing.load_common_state_dict(ckpt)["ualm"]
+    description = dist_checkpointing.load_common_state_dict(ckpt)["ualm"]
     config = checkpoint_format.config_from_description(
-        record, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+        description, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
         use_cpu_initialization=True, pipeline_dtype=torch.float32,
     )
     model = api.build_model(config)
