@@ -106,6 +106,12 @@ class UALMConfig(TransformerConfig):
             )
         if K < 1:
             raise ValueError(f"num_codebooks must be >= 1, got {K}")
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of num_query_groups={groups} "
+                "(grouped-query attention shares each key/value head among equally many query heads)"
+            )
         if self.codebook_loss_weights is None:
             self.codebook_loss_weights = (1.0,) * K
         self.codebook_loss_weights = tuple(float(w) for w in self.codebook_loss_weights)
@@ -272,8 +278,10 @@ def make_config(flavor: str, **overrides: Any) -> UALMConfig:
 
 
 def config_from_megatron_args(args: Any) -> UALMConfig:
-    """The model config of a run: Megatron's translation of its parsed flags plus the flavor's
-    audio fields and UALM's own flags (``--text-loss-weight``, ``--no-audio-encoder``, ...).
+    """The model config of a run: Megatron's translation of its parsed flags plus the audio and
+    vocabulary fields of the model it starts from (``args.ualm_base_model``, the description of
+    its starting checkpoint, else the flavor) and UALM's own flags (``--text-loss-weight``,
+    ``--text-vocab-size``, ``--no-audio-encoder``, ...).
 
     Called once, at the entry point (and for checkpoints whose stored ``args`` are all they
     have); model, data and loss code receive the typed config, never ``get_args()``.
@@ -283,11 +291,19 @@ def config_from_megatron_args(args: Any) -> UALMConfig:
     """
     from megatron.training.arguments import core_transformer_config_from_args
 
-    base = core_transformer_config_from_args(args)
-    overrides = {f.name: getattr(base, f.name) for f in dataclasses.fields(TransformerConfig) if f.init}
-    flavor = FLAVORS[args.flavor]
+    base_description = getattr(args, "ualm_base_model", None)
+    if base_description:
+        base = dict(base_description["arch"])
+        flavor = base_description.get("flavor")
+        flavor = flavor if flavor in FLAVORS else "debug"
+    else:
+        flavor = args.flavor or "debug"
+        base = FLAVORS[flavor]
+    base_fields = {k: base[k] for k in _BASE_FIELDS if k in base}
+    core = core_transformer_config_from_args(args)
+    overrides = {f.name: getattr(core, f.name) for f in dataclasses.fields(TransformerConfig) if f.init}
+    overrides.update(base_fields)
     overrides.update(
-        text_vocab_size=flavor["text_vocab_size"],
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         rotary_base=float(args.rotary_base),
@@ -296,10 +312,19 @@ def config_from_megatron_args(args: Any) -> UALMConfig:
         codebook_loss_weights=tuple(args.codebook_loss_weights) if args.codebook_loss_weights else None,
         cfg_condition_dropout=args.cfg_condition_dropout,
     )
+    for flag in ("text_vocab_size", "num_codebooks", "codebook_size"):
+        if getattr(args, flag, None) is not None:
+            overrides[flag] = getattr(args, flag)
     if args.no_audio_encoder:
         overrides["audio_encoder_type"] = None
     elif args.audio_encoder_type:
         overrides["audio_encoder_type"] = args.audio_encoder_type
     if args.audio_encoder_path:
         overrides["audio_encoder_path"] = args.audio_encoder_path
-    return make_config(args.flavor, **overrides)
+    return make_config(flavor, **overrides)
+
+
+# The fields a run takes from the model it starts from (a flavor or a checkpoint's description)
+# because no Megatron flag carries them.
+_BASE_FIELDS = ("text_vocab_size", "num_codebooks", "codebook_size", "codec_frame_rate", "audio_encoder_type",
+                "audio_encoder_config", "audio_in_frame_rate", "audio_adapter_ffn_hidden_size")

@@ -61,6 +61,16 @@ def install() -> None:
     warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
     warnings.filterwarnings("ignore", message="The argument order of load has been changed")
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    # Megatron-Core asks for the rank before torch.distributed is up in tools that never start it
+    # (build_blend, inspect_shards) and warns that it assumes rank 0, which is right there.
+    warnings.filterwarnings("ignore", message="Could not determine rank from torch.distributed")
+    # Importing Megatron-Core's MIMO package (which the loop does) warns that its config is
+    # experimental; this project does not use MIMO models.
+    warnings.filterwarnings("ignore", message="MimoModelConfig is experimental")
     # torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." at import on
     # machines without CUDA; nothing in this project compiles CUDA extensions.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # Megatron-Core's torch_dist strategy logs, at every save, that its own async-save
+    # implementation is deprecated in favour of NVRx's; saves here are synchronous.
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(
+        lambda record: "async save is deprecated" not in record.getMessage())

@@ -155,6 +155,46 @@ def pack_documents(lengths: np.ndarray, capacity: int, open_bins: int, order: np
     return rows
 
 
+def check_fits_model(meta: dict, path: str, vocab: UALMVocab, audio_in: Optional[AudioInConfig],
+                     reads_pairs: bool) -> None:
+    """Whether a shard (its sidecar ``meta``) can train a model with this vocabulary and encoder.
+
+    A shard written with an audio-in stream but without a single audio-in clip (text-only chat or
+    preference records with the tools' default ``--audio-in-storage``) fits a model without an
+    encoder; a shard holding clips does not.
+
+    Raises:
+        ValueError: one line naming the shard and what to change.
+    """
+    v = vocab
+    if meta["family"] == "preference" and not reads_pairs:
+        raise ValueError(f"{path} holds DPO preference pairs (chosen and rejected); train on it with "
+                         "python -m megatron_ualm.dpo, not in a packed blend")
+    if reads_pairs and meta["family"] != "preference":
+        raise ValueError(f"{path} is a {meta['family']} shard, not preference pairs (write those with "
+                         "tools/preprocess_preferences.py)")
+    tok = meta["tokenizer"]["vocab_size"]
+    if tok > v.text_vocab_size:
+        raise ValueError(f"{path}: tokenizer has {tok} ids but the model's text_vocab_size is {v.text_vocab_size}")
+    codec = meta.get("codec")
+    if codec and (codec["num_codebooks"], codec["codebook_size"]) != (v.num_codebooks, v.codebook_size):
+        raise ValueError(
+            f"{path}: codes are K={codec['num_codebooks']} x card={codec['codebook_size']}, the model "
+            f"expects K={v.num_codebooks} x card={v.codebook_size}")
+    clips = float(meta.get("counts", {}).get("audio_in_seconds", 0.0))
+    if "audio" not in meta["streams"] or clips <= 0:
+        return
+    if audio_in is None:
+        raise ValueError(f"{path} holds {clips:.1f} s of audio in, but the model has no audio encoder: train a model "
+                         "with one (a flavor or checkpoint with an encoder, without --no-audio-encoder), or leave "
+                         "those records out of the blend")
+    stored = meta["audio_in"]
+    if meta["audio_in_storage"] == "mel" and (stored["n_mels"], stored["window_seconds"]) != (audio_in.n_mels,
+                                                                                             audio_in.window_seconds):
+        raise ValueError(f"{path}: log-mel features are {stored['n_mels']} mels / {stored['window_seconds']} s "
+                         f"windows, the encoder reads {audio_in.n_mels} / {audio_in.window_seconds} s")
+
+
 class UALMDataset(MegatronDataset):
     """Packed UALM rows over one shard; built by ``BlendedMegatronDatasetBuilder``.
 
@@ -201,29 +241,7 @@ class UALMDataset(MegatronDataset):
         return MegatronDataset._key_config_attributes() + ["layout", "cfg_condition_dropout", "packing_open_bins"]
 
     def _check_compatible(self) -> None:
-        meta, v, path = self.dataset.meta, self.vocab, self.dataset_path
-        if meta["family"] == "preference" and not self.reads_pairs:
-            raise ValueError(f"{path} holds DPO preference pairs (chosen and rejected); train on it with "
-                             "python -m megatron_ualm.dpo, not in a packed blend")
-        if self.reads_pairs and meta["family"] != "preference":
-            raise ValueError(f"{path} is a {meta['family']} shard, not preference pairs (write those with "
-                             "tools/preprocess_preferences.py)")
-        tok = meta["tokenizer"]["vocab_size"]
-        if tok > v.text_vocab_size:
-            raise ValueError(f"{path}: tokenizer has {tok} ids but the model's text_vocab_size is {v.text_vocab_size}")
-        codec = meta.get("codec")
-        if codec and (codec["num_codebooks"], codec["codebook_size"]) != (v.num_codebooks, v.codebook_size):
-            raise ValueError(
-                f"{path}: codes are K={codec['num_codebooks']} x card={codec['codebook_size']}, the model "
-                f"expects K={v.num_codebooks} x card={v.codebook_size}")
-        if "audio" in meta["streams"]:
-            a = self.config.audio_in
-            if a is None:
-                raise ValueError(f"{path} stores audio in; set UALMDatasetConfig.audio_in")
-            stored = meta["audio_in"]
-            if meta["audio_in_storage"] == "mel" and (stored["n_mels"], stored["window_seconds"]) != (a.n_mels, a.window_seconds):
-                raise ValueError(f"{path}: log-mel features are {stored['n_mels']} mels / {stored['window_seconds']} s "
-                                 f"windows, the encoder reads {a.n_mels} / {a.window_seconds} s")
+        check_fits_model(self.dataset.meta, self.dataset_path, self.vocab, self.config.audio_in, self.reads_pairs)
 
     def _build_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """Row offsets ``[R + 1]`` into row documents (positions in ``indices``), cached on disk."""

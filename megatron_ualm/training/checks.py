@@ -37,6 +37,31 @@ def check_blend(args: argparse.Namespace) -> None:
     check_shards(load_plan(args.blend_file))
 
 
+def check_data_fits_model(args: argparse.Namespace, run_config) -> None:
+    """Every shard of ``--blend-file`` can train this run's model (text vocabulary, codebooks,
+    audio in only where the model has an encoder), checked from the sidecars before the model and
+    the datasets are built."""
+    if getattr(args, "synthetic_data", False) or not getattr(args, "blend_file", None):
+        return
+    from megatron_ualm.data.audio import AudioInConfig
+    from megatron_ualm.data.blend import load_plan
+    from megatron_ualm.data.dataset import check_fits_model
+    from megatron_ualm.data.shards import read_sidecar
+    from megatron_ualm.vocab import UALMVocab
+
+    vocab = UALMVocab.from_config(run_config)
+    audio_in = AudioInConfig.from_model_config(run_config) if run_config.audio_encoder_type else None
+    plan = load_plan(args.blend_file)
+    for path, family in zip(plan.shards, plan.families):
+        check_fits_model(read_sidecar(path), path, vocab, audio_in, reads_pairs=family == "preference")
+
+
+def check_schedule(args: argparse.Namespace) -> None:
+    """The run has a length (Megatron raises a bare exception only once the model is built)."""
+    if getattr(args, "train_iters", None) is None and getattr(args, "train_samples", None) is None:
+        raise ValueError("give the run's length: --train-iters N (optimizer steps), or --train-samples N")
+
+
 def check_resumable(args: argparse.Namespace) -> None:
     """Refuses ``--finetune`` on a run that resumes from its own directory.
 
@@ -92,8 +117,9 @@ def check_checkpoint(args: argparse.Namespace, run_config, run_layout: Optional[
     diff = [f"{f} {description['arch'][f]!r} (checkpoint) vs {ours[f]!r} (this run)" for f in ARCH_FIELDS
             if f in description["arch"] and description["arch"][f] != ours[f]]
     if diff:
-        raise CheckpointError(f"checkpoint {path} was trained with another model: " + "; ".join(diff)
-                              + f". Use --flavor {description.get('flavor')} and the flags of that run")
+        raise CheckpointError(f"checkpoint {path} was trained with another model than this run's flags give: "
+                              + "; ".join(diff) + ". The run takes its model from the checkpoint: drop the flags "
+                              "that change it")
     run = vocab_layout(None, run_config.text_vocab_size, run_config.num_codebooks, run_config.codebook_size)
     if run_layout is not None:
         run = dict(run, tokenizer=run_layout.get("tokenizer"))

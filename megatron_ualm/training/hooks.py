@@ -8,7 +8,10 @@ model description travels there). Four things UALM needs have no such hook in Me
 
 1. ``training.training_log``: the loop calls it on every rank after each optimizer step and
    offers no per-iteration callback, so the ``[UALM]`` throughput line and the extensions' work
-   after a step (the audio evaluation, the ``[DPO]`` log-prob line) ride on it;
+   after a step (the audio evaluation, the ``[DPO]`` log-prob line) ride on it. It also lets
+   Megatron's memory report (parameter counts, theoretical footprint) print once per run: Megatron
+   repeats it until the iteration passes the loaded checkpoint's, which for a fine-tuning run
+   that starts from iteration N of another run is every log line up to N;
 2. ``training.evaluate``: validation losses are divided by Megatron before anything can see
    them; a validation split without codebook cells would report ``0 / 0 = nan`` codebook losses,
    which are dropped here (``losses.drop_empty_codebook_losses``);
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Type, TypeVar
 
@@ -83,6 +87,7 @@ class RunContext:
     entry: str
     extensions: list = field(default_factory=list)
     model_chunks: list = field(default_factory=list)
+    memory_reported: bool = False
     _config: Optional[UALMConfig] = None
     _throughput: Optional[UALMThroughput] = None
 
@@ -181,11 +186,19 @@ def _training_log(ctx: RunContext, original: Callable) -> Callable:
     from megatron.training import get_tensorboard_writer, get_wandb_writer
     from megatron.training.utils import print_rank_last
 
-    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs):
+    signature = inspect.signature(original)
+
+    def training_log(*call_args, **call_kwargs):
+        call = signature.bind(*call_args, **call_kwargs)
+        iteration, loss_dict, learning_rate = (call.arguments[k] for k in ("iteration", "loss_dict", "learning_rate"))
         for ext in ctx.extensions:
             ext.after_step(ctx, iteration)
-        result = original(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs)
         args = ctx.args
+        if ctx.memory_reported:
+            call.arguments["report_memory_flag"] = False
+        elif call.arguments.get("report_memory_flag") and iteration % args.log_interval == 0:
+            ctx.memory_reported = True  # Megatron reports at this log line
+        result = original(*call.args, **call.kwargs)
         if iteration % args.log_interval == 0:
             metrics = ctx.throughput().report()  # a collective over the data-parallel group
             line = " | ".join(f"{k}: {v:.4g}" if "per" in k else f"{k}: {v}" for k, v in metrics.items())

@@ -3,9 +3,10 @@
 ``pretrain``, ``finetune`` and ``dpo`` differ in their data, forward step, flags and extensions
 (a ``TrainingEntry``); ``run(entry)`` does the rest, in the order a run meets it:
 
-1. the command line: the flavor's backbone flags, the CPU flags (gloo, no CUDA fusions) or the
-   GPU fallbacks, then the user's flags (which win), parsed by Megatron with UALM's groups and
-   those of the entry and its extensions;
+1. the command line: the backbone flags of the model the run starts from (the checkpoint it
+   resumes or starts from, else the flavor), the CPU flags (gloo, no CUDA fusions) or the GPU
+   fallbacks, then the user's flags (which win, and are checked against the checkpoint), parsed
+   by Megatron with UALM's groups and those of the entry and its extensions;
 2. checks before anything is built (``training.checks``: directories, a resumable
    ``--finetune``, the data, the extensions' flags, the checkpoint to load against this run),
    each ending the run with one line that says what to do; then the ``--save`` directory is
@@ -19,7 +20,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import io
+import logging
 import os
 import sys
 import traceback
@@ -32,7 +36,7 @@ from megatron_ualm.compat import cpu as cpu_compat
 from megatron_ualm.compat import megatron_fixes, quiet
 from megatron_ualm.errors import CheckpointError
 from megatron_ualm.training import checks, hooks, providers
-from megatron_ualm.training.arguments import add_ualm_args, flavor_argv, flavor_of
+from megatron_ualm.training.arguments import BaseModel, add_ualm_args, base_model
 
 
 @dataclass(frozen=True)
@@ -85,11 +89,45 @@ def _device_argv() -> list[str]:
     ]
 
 
-def _parse(entry: TrainingEntry, extensions: list, argv: Sequence[str]) -> argparse.Namespace:
+def _console_argv() -> list[str]:
+    """Megatron's console, cut to what a person acts on (the command line may turn it back on):
+    no INFO logs (``--logging-level 20`` shows them), no one_logger attempt where it is not
+    installed (an NVIDIA-internal package; Megatron points at an internal wiki for it)."""
+    import importlib.util
+
+    argv = ["--logging-level", "30"]
+    if importlib.util.find_spec("one_logger") is None:
+        argv.append("--no-one-logger")
+    return argv
+
+
+ARGUMENTS_FILE = "megatron_arguments.txt"
+_DUMP_START, _DUMP_END = "------------------------ arguments ------------------------", "end of arguments"
+
+
+def _split_argument_dump(text: str) -> tuple[str, str]:
+    """(Megatron's argument dump, everything else it printed) of the parser's output."""
+    lines, dump, rest, inside = text.splitlines(keepends=True), [], [], False
+    for line in lines:
+        if line.startswith(_DUMP_START):
+            inside = True
+        (dump if inside else rest).append(line)
+        if inside and _DUMP_END in line:
+            inside = False
+    return "".join(dump), "".join(rest)
+
+
+def _parse(entry: TrainingEntry, extensions: list, base: BaseModel, argv: Sequence[str]) -> argparse.Namespace:
+    """Megatron's parse and validation of the full command line; its argument dump (about a
+    thousand lines) is kept on ``args.ualm_argument_dump`` for the run's directory, not printed."""
     from megatron.training.arguments import parse_and_validate_args
 
-    flavor = flavor_of(argv)
-    sys.argv = [f"python -m megatron_ualm.{entry.name}"] + flavor_argv(flavor) + _device_argv() + list(argv)
+    sys.argv = ([f"python -m megatron_ualm.{entry.name}", "--flavor", base.flavor] + base.argv + _device_argv()
+                + _console_argv() + list(argv))
+    # The level Megatron applies once initialised, applied now: parsing and the checks log too.
+    level = argparse.ArgumentParser(add_help=False)
+    level.add_argument("--logging-level", type=int)
+    logging.getLogger().setLevel(level.parse_known_args(sys.argv[1:])[0].logging_level)
 
     def extra(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         add_ualm_args(parser)
@@ -99,7 +137,64 @@ def _parse(entry: TrainingEntry, extensions: list, argv: Sequence[str]) -> argpa
             entry.add_args(parser)
         return parser
 
-    return parse_and_validate_args(extra_args_provider=extra)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            args = parse_and_validate_args(extra_args_provider=extra)
+    finally:
+        dump, rest = _split_argument_dump(printed.getvalue())
+        sys.stdout.write(rest)  # --help, and Megatron's notes on the flags
+        sys.stdout.flush()
+    args.ualm_base_model = base.description  # the audio and vocabulary fields no Megatron flag carries
+    args.ualm_argument_dump = dump
+    return args
+
+
+def _keep_argument_dump(args: argparse.Namespace) -> None:
+    """Writes Megatron's argument dump beside the run's checkpoints (rank 0), says where."""
+    dump = getattr(args, "ualm_argument_dump", "")
+    del args.ualm_argument_dump  # not a flag: checkpoints store args
+    if not dump or args.rank != 0:
+        return
+    if args.save:
+        from megatron_ualm.files import atomic_write
+
+        path = atomic_write(os.path.join(args.save, ARGUMENTS_FILE), dump)
+        print(f"> Megatron's arguments (every flag's value): {path}", flush=True)
+    else:
+        print(f"> Megatron's arguments are not printed; a run with --save keeps them in <save>/{ARGUMENTS_FILE}",
+              flush=True)
+
+
+# Megatron's argument validation checks many flags with bare asserts; the source line is all it
+# says. The ones a user meets first, in words (keyed by that line; others are shown as they are).
+MEGATRON_ASSERTIONS = {
+    "args.save_interval is not None": "--save needs --save-interval N: a checkpoint every N iterations (and one at "
+                                      "the end of the run)",
+    "args.save_interval > 0": "--save-interval must be a positive number of iterations",
+    "args.save_retain_interval % args.save_interval == 0": "--save-retain-interval must be a multiple of "
+                                                           "--save-interval",
+    "not args.bf16": "--fp16 and --bf16 exclude each other: give one of them",
+    "not args.fp16": "--fp16 and --bf16 exclude each other: give one of them",
+    "args.micro_batch_size > 0": "--micro-batch-size must be at least 1",
+    "args.global_batch_size > 0": "--global-batch-size must be at least 1",
+    "args.min_lr <= args.lr": "--min-lr must not exceed --lr",
+    "args.hidden_size % args.num_attention_heads == 0": "--hidden-size must be a multiple of --num-attention-heads "
+                                                        "(or give --kv-channels)",
+    "args.max_position_embeddings >= args.decoder_seq_length": "--decoder-seq-length exceeds "
+                                                               "--max-position-embeddings",
+    "args.log_memory_interval % args.log_interval == 0": "--log-memory-interval must be a multiple of --log-interval",
+}
+
+
+def megatron_rejection(err: AssertionError) -> str:
+    """One line for an assertion of Megatron's argument validation: what to change, and where."""
+    where = traceback.extract_tb(err.__traceback__)[-1]
+    source = (where.line or "").strip().removeprefix("assert ").strip()
+    site = f"{os.path.relpath(where.filename, os.path.dirname(os.path.dirname(torch.__file__)))}:{where.lineno}"
+    if source in MEGATRON_ASSERTIONS:
+        return f"{MEGATRON_ASSERTIONS[source]} (Megatron's check at {site})"
+    return f"Megatron rejected the arguments: {str(err) or where.line} ({site})"
 
 
 def _fail(message: str) -> None:
@@ -129,14 +224,11 @@ def run(entry: TrainingEntry, argv: Optional[Sequence[str]] = None) -> None:
     megatron_fixes.apply()
     extensions = [cls() for cls in entry.extensions]
     try:
-        flavor_of(argv)
-        args = _parse(entry, extensions, argv)
-    except ValueError as err:
+        args = _parse(entry, extensions, base_model(argv), argv)
+    except (ValueError, CheckpointError) as err:
         _fail(str(err))
     except AssertionError as err:  # Megatron's validate_args checks flags with bare asserts
-        where = traceback.extract_tb(err.__traceback__)[-1]
-        _fail(f"Megatron rejected the arguments: {str(err) or where.line} "
-              f"({os.path.relpath(where.filename, os.path.dirname(os.path.dirname(torch.__file__)))}:{where.lineno})")
+        _fail(megatron_rejection(err))
 
     from megatron.core.enums import ModelType
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
@@ -149,6 +241,7 @@ def run(entry: TrainingEntry, argv: Optional[Sequence[str]] = None) -> None:
 
     lock = None
     try:
+        checks.check_schedule(args)
         checks.check_directories(args)
         checks.check_resumable(args)
         entry.check_data(args)
@@ -157,8 +250,10 @@ def run(entry: TrainingEntry, argv: Optional[Sequence[str]] = None) -> None:
         run_config = config_from_megatron_args(args)
         layout = entry.data_layout(args)
         loaded = checks.check_checkpoint(args, run_config, layout)
+        checks.check_data_fits_model(args, run_config)
         if args.save and args.rank == 0:  # after the checks: a refused run creates nothing
             lock = RunLock(args.save).acquire()
+        _keep_argument_dump(args)
     except (RunLockError, CheckpointError, VocabMismatch, ValueError, OSError) as err:
         _fail(str(err))
     tokenizer = (layout or {}).get("tokenizer") or ((loaded or {}).get("vocab") or {}).get("tokenizer")

@@ -61,19 +61,48 @@ def test_a_dpo_run_leaves_nothing_for_the_next_run(monkeypatch, capsys):
     from megatron.training import training as mtraining
 
     calls = []
-    monkeypatch.setattr(mtraining, "training_log", lambda *a, **k: calls.append("megatron line"))
+
+    def megatron_line(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale, report_memory_flag, *rest):
+        calls.append("megatron line")
+
+    monkeypatch.setattr(mtraining, "training_log", megatron_line)
     try:
         hooks.install(_context([_Recorder(calls, "dpo")]))
-        mtraining.training_log({}, {}, 0.1, 2)
+        mtraining.training_log({}, {}, 0.1, 2, 1.0, True)
         assert calls == ["dpo after_step 2", "megatron line", "dpo after_log 2"]
         calls.clear()
         hooks.install(_context([_Recorder(calls, "eval")]))
-        mtraining.training_log({}, {}, 0.1, 3)  # not a log iteration: after_step only
-        mtraining.training_log({}, {}, 0.1, 4)
+        mtraining.training_log({}, {}, 0.1, 3, 1.0, True)  # not a log iteration: after_step only
+        mtraining.training_log({}, {}, 0.1, 4, 1.0, True)
         assert calls == ["eval after_step 3", "megatron line", "eval after_step 4", "megatron line", "eval after_log 4"]
     finally:
         hooks.uninstall()
     assert "[UALM] iteration        4" in capsys.readouterr().out
+
+
+def test_megatron_reports_memory_once_per_run(monkeypatch):
+    """Megatron repeats its memory block until the iteration passes the loaded checkpoint's (every
+    log line of a fine-tuning run that starts from iteration N of another run): once is enough."""
+    from megatron.training import training as mtraining
+
+    flags = []
+
+    def megatron_line(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale, report_memory_flag, *rest,
+                      pg_collection=None):
+        flags.append(report_memory_flag)
+        return report_memory_flag  # Megatron keeps asking while the loaded iteration is ahead
+
+    monkeypatch.setattr(mtraining, "training_log", megatron_line)
+    try:
+        for run in range(2):  # each run reports once
+            hooks.install(_context([]))
+            flag = True
+            for iteration in range(1, 6):
+                flag = mtraining.training_log({}, {}, 0.1, iteration, 1.0, flag, 0, pg_collection=None)
+            assert flags == [True, True, False, False, False], flags  # reported at iteration 2, the first log line
+            flags.clear()
+    finally:
+        hooks.uninstall()
 
 
 def test_schedule_is_shown_to_extensions_only_when_one_wants_it(monkeypatch):

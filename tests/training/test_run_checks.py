@@ -118,6 +118,7 @@ def test_generate_reads_the_model_from_the_checkpoint(world, tmp_path):
     one_line_error(proc, "token-id layout mismatch", world["tok_b"])
 
 
+@pytest.mark.slow  # the module's pretraining run
 def test_load_model_checks_flavor_and_tokenizer(world, parallel_world_of_one):
     from megatron_ualm.data.tokenizer import TextTokenizer
     from megatron_ualm.errors import CheckpointError
@@ -132,6 +133,7 @@ def test_load_model_checks_flavor_and_tokenizer(world, parallel_world_of_one):
         load_model(world["ckpt"], tokenizer=TextTokenizer(world["tok_b"]))
 
 
+@pytest.mark.slow  # the module's pretraining run
 def test_export_checks_the_tokenizer_it_copies(world, tmp_path, parallel_world_of_one):
     from megatron_ualm.conversion import export_hf
     from megatron_ualm.vocab import VocabMismatch
