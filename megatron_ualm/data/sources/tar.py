@@ -84,8 +84,9 @@ def scan_tar(path: str) -> Scan:
         while True:
             try:
                 info = tf.next()
-            except tarfile.ReadError:  # the previous member's data runs past the end of the file
-                problem = f"is truncated: the file ends at byte {size}, inside the data of its last member"
+            except tarfile.ReadError as err:  # a member's data or a header chain runs past the end, or is garbled
+                problem = (f"is truncated or damaged after byte {tf.offset} ({err}; the file is {size} bytes); "
+                           "the members after that are lost")
                 break
             if info is None:
                 break
