@@ -174,7 +174,7 @@ class LhotseSharCorpus(Corpus):
         count = self.units()[u].records
         cuts_path = shard["cuts"]
         scan = scan_tar(shard["recording"])
-        pairs = [scan.members[j:j + 2] for j in range(0, len(scan.members) - 1, 2)]
+        pairs = [scan.members[j:j + 2] for j in range(0, len(scan.members), 2)]  # (data, its json)
         cuts = self._cuts(shard)
         for i in range(count):
             if i >= ranges[-1][1]:
@@ -193,7 +193,7 @@ class LhotseSharCorpus(Corpus):
                 why = f"the archive {scan.problem}" if scan.problem else "it holds fewer cuts than the manifest"
                 yield i, source, RecordError(f"has no audio in {shard['recording']}: {why}", "recording")
                 continue
-            data, _meta = pairs[i]
+            data = pairs[i][0]
             stem, _, ext = data.name.rpartition(".")
             if stem != cut.id:
                 yield i, source, RecordError(f"{shard['recording']} member {data.name} does not belong to this cut "

@@ -85,7 +85,8 @@ def scan_tar(path: str) -> Scan:
             try:
                 info = tf.next()
             except tarfile.ReadError as err:  # a member's data or a header chain runs past the end, or is garbled
-                problem = (f"is truncated or damaged after byte {tf.offset} ({err}; the file is {size} bytes); "
+                last = f"its member {members[-1].name}" if members else "its start"
+                problem = (f"is truncated or damaged after {last} ({err}; the file is {size} bytes); "
                            "the members after that are lost")
                 break
             if info is None:

@@ -76,6 +76,6 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-def understanding_record(audio: str, answer: str, **extra) -> dict:
-    return {"sound": audio, **extra, "conversations": [{"from": "human", "value": f"<sound>\n{QUESTION}"},
+def understanding_record(audio: str, answer: str, question: str = QUESTION, **extra) -> dict:
+    return {"sound": audio, **extra, "conversations": [{"from": "human", "value": f"<sound>\n{question}"},
                                                        {"from": "gpt", "value": answer}]}
