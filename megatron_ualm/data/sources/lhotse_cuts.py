@@ -26,7 +26,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Sequence
 
 from megatron_ualm.data.errors import RecordError
 from megatron_ualm.data.sources.base import Corpus, CorpusError, LazyRecord, NamedBytes
