@@ -115,7 +115,10 @@ def open_corpus(args: argparse.Namespace, family: str) -> Optional[Corpus]:
     fields = build_field_map(args.field, args.fields_file, args.preset, family)
     fmt = args.input_format
     if fmt == "auto":
-        found = {p: detect_format(p) for p in expand_inputs(args.input)}
+        # A plain path that does not exist is left to the manifest reader, which names it.
+        plain = [p for p in args.input if not glob.has_magic(p) and "{" not in p and not os.path.exists(p)]
+        found = {p: detect_format(p) for p in expand_inputs([p for p in args.input if p not in plain])}
+        found.update({p: "manifest" for p in plain})
         kinds = sorted(set(found.values()))
         if len(kinds) > 1:
             example = ", ".join(f"{p}: {k}" for k, p in {k: p for p, k in found.items()}.items())

@@ -29,18 +29,20 @@ class CorpusError(ValueError):
     """An input that cannot be read as its format: names the file and what a valid one looks like."""
 
 
-class NamedBytes(bytes):
+class NamedBytes(bytearray):
     """Encoded audio bytes that remember where they came from, for error messages.
 
+    A ``bytearray`` so that an archive member is read straight into it (``readinto``): the
+    decoder's own buffer is then the only copy of the clip's bytes.
+
     Args:
-        data: the encoded file.
+        data: the encoded file, or its size to fill with ``readinto``.
         name: ``archive.tar:000123.flac``, ``file.parquet:row 7:audio`` ...
     """
 
-    def __new__(cls, data: bytes, name: str):
-        obj = super().__new__(cls, data)
-        obj.name = name
-        return obj
+    def __init__(self, data, name: str):
+        super().__init__(data)
+        self.name = name
 
     def __reduce__(self):
         return NamedBytes, (bytes(self), self.name)

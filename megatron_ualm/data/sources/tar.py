@@ -203,9 +203,10 @@ class WebDatasetCorpus(Corpus):
         view: dict[str, Any] = {"__key__": key}
         for ext, m in members:
             f.seek(m.offset)
-            data = f.read(m.size)
-            if len(data) != m.size:
-                raise RecordError(f"member {m.name} is cut short ({len(data)} of {m.size} bytes): the archive "
+            data = NamedBytes(m.size, f"{path}:{m.name}")
+            got = f.readinto(data)
+            if got != m.size:
+                raise RecordError(f"member {m.name} is cut short ({got} of {m.size} bytes): the archive "
                                   "changed or is truncated")
             if ext == "json":
                 try:
@@ -218,7 +219,7 @@ class WebDatasetCorpus(Corpus):
                 except UnicodeDecodeError as err:
                     raise RecordError(f"member {m.name} is not UTF-8 text ({err.reason})", ext) from None
             else:
-                view[ext] = NamedBytes(data, f"{path}:{m.name}")
+                view[ext] = data
         names = ", ".join(m.name for _, m in members)
         if "json" not in view and not self.fields.fields:
             raise RecordError(f"{what} has no .json member (its members: {names}); the metadata comes from "
