@@ -66,7 +66,7 @@ def test_cut_manifest_equals_the_manifest_of_its_spans(tmp_path, tokenizer_path,
 
 
 def test_cuts_this_reader_cannot_reproduce_are_named(tmp_path, tokenizer_path):
-    from lhotse import AudioSource, CutSet, Recording
+    from lhotse import AudioSource, CutSet, MonoCut, Recording
     from lhotse.utils import fastcopy
 
     cuts = list(asr_cuts(tmp_path, 3))
@@ -74,15 +74,22 @@ def test_cuts_this_reader_cannot_reproduce_are_named(tmp_path, tokenizer_path):
     remote = fastcopy(cuts[2], id="remote", recording=Recording(
         id="remote", sources=[AudioSource("url", [0], "https://x/y.wav")], sampling_rate=16000, num_samples=32000,
         duration=2.0))
+    sf.write(tmp_path / "stereo.wav", clip(1.0, 16000, channels=2), 16000)
+    stereo = Recording.from_file(str(tmp_path / "stereo.wav"), recording_id="stereo")
+    left = MonoCut(id="left", start=0.0, duration=1.0, channel=0, recording=stereo)
+    fast = cuts[0].perturb_speed(1.1).with_id("fast")
     lost = cuts[1].with_id("lost")
     os.remove(lost.recording.sources[0].source)
     path = str(tmp_path / "cuts.jsonl.gz")
-    CutSet.from_cuts([cuts[0], mixed, remote, lost, cuts[2]]).to_file(path)
+    CutSet.from_cuts([cuts[0], mixed, remote, lost, left, fast, cuts[2]]).to_file(path)
     out = tmp_path / "out"
     assert preprocess_understanding_main(["--input", path, "--preset", "lhotse-asr", "--output", str(out),
                                           *common(tokenizer_path, 10, *UNDERSTANDING)]) == 0
     got = {r["source"]: (r["field"], r["reason"]) for r in rejected(out, "understanding")}
-    assert set(got) == {f"{path}:2 (cut mixed)", f"{path}:3 (cut remote)", f"{path}:4 (cut lost)"}
+    assert set(got) == {f"{path}:2 (cut mixed)", f"{path}:3 (cut remote)", f"{path}:4 (cut lost)",
+                        f"{path}:5 (cut left)", f"{path}:6 (cut fast)"}
+    assert got[f"{path}:5 (cut left)"][0] == "channel" and "of a 2-channel recording" in got[f"{path}:5 (cut left)"][1]
+    assert got[f"{path}:6 (cut fast)"][0] == "recording.transforms" and "Speed" in got[f"{path}:6 (cut fast)"][1]
     assert got[f"{path}:2 (cut mixed)"][0] == "type" and "MixedCut" in got[f"{path}:2 (cut mixed)"][1]
     assert got[f"{path}:3 (cut remote)"] == ("recording.sources", "has a 'url' audio source; give local files "
                                              "('file' sources) or Lhotse Shar")

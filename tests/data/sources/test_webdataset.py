@@ -70,6 +70,10 @@ def test_generation_from_tars_equals_the_extracted_manifest(tmp_path, tokenizer_
     assert preprocess_generation_main(["--input", pattern, "--field", "caption=json.text[0]", "--workers", "2",
                                        "--output", str(tmp_path / "tar"), *args]) == 0
     assert_same_shards(tmp_path / "ref", tmp_path / "tar")
+    # Workers that only read and decode, the codec in this process (the GPU layout): the same bytes.
+    assert preprocess_generation_main(["--input", pattern, "--preset", "laion-audio-630k", "--workers", "2",
+                                       "--encode-in-main", "--output", str(tmp_path / "main"), *args]) == 0
+    assert_same_shards(tmp_path / "ref", tmp_path / "main")
 
 
 def test_tasks_own_whole_tars_and_their_union_is_one_run(tmp_path, tokenizer_path, laion):
