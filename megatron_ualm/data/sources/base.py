@@ -229,6 +229,14 @@ class Corpus(ABC):
             raise FieldError(f"{first[0]}: {err.reason}") from None
         except RecordError:
             pass  # a bad first record is rejected like any other
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Closes the files and drops the data a reader keeps between records (a row group)."""
+        for handle in self.__dict__.pop("_handles", {}).values():
+            handle.close()
+        self.__dict__.pop("_rows", None)
 
     # -- worker: loading ---------------------------------------------------------------------
     @abstractmethod

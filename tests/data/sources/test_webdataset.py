@@ -15,7 +15,7 @@ from megatron_ualm.data.cli import preprocess_generation_main, preprocess_unders
 from megatron_ualm.data.sources import CorpusError, expand_inputs
 from megatron_ualm.data.sources.fields import build_field_map
 from megatron_ualm.data.sources.tar import WebDatasetCorpus, scan_tar
-from megatron_ualm.data.tasks import Task
+from megatron_ualm.data.tasks import Task, problems
 
 SIZES = (4, 4, 6)  # samples per tar
 
@@ -81,9 +81,10 @@ def test_tasks_own_whole_tars_and_their_union_is_one_run(tmp_path, tokenizer_pat
     args = ["--input", pattern, "--preset", "laion-audio-630k", *common(tokenizer_path, 4, *UNDERSTANDING)]
     assert preprocess_understanding_main([*args, "--output", str(tmp_path / "one")]) == 0
     split = tmp_path / "split"
-    for i in (1, 0):
-        assert preprocess_understanding_main([*args, "--output", str(split), "--num-tasks", "2",
-                                              "--task-index", str(i)]) == 0
+    assert preprocess_understanding_main([*args, "--output", str(split), "--num-tasks", "2", "--task-index", "1"]) == 0
+    assert "task 0: 0 of 3 shards written" in problems(str(split), "understanding")[0]
+    assert preprocess_understanding_main([*args, "--output", str(split), "--num-tasks", "2", "--task-index", "0"]) == 0
+    assert problems(str(split), "understanding") == []
     assert_same_shards(tmp_path / "one", split)
     run = json.load(open(split / "understanding.run.json"))
     # The 6-sample tar is cut into shards 2 and 3, one group: both belong to task 0.
