@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Iterator, Optional, Sequence
 
 from megatron_ualm.data.errors import RecordError
-from megatron_ualm.data.sources.fields import FieldMap, MappingMiss, assemble
+from megatron_ualm.data.sources.fields import FieldError, FieldMap, MappingMiss, assemble, available_fields
 from megatron_ualm.data.sources.layout import Layout, Unit
 
 AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus")
@@ -183,12 +183,11 @@ class Corpus(ABC):
             g = b
             while si < len(spans) and spans[si][1] <= a:
                 si += 1
-            ranges, owners = [], []
-            for lo, hi, k in spans[si:]:
+            ranges = []
+            for lo, hi, _ in spans[si:]:
                 if lo >= b:
                     break
                 ranges.append((max(lo, a) - a, min(hi, b) - a))
-                owners.append(k)
             if not ranges:
                 continue
             for local, source, raw in self.read_unit(u, _merge(ranges)):
@@ -215,8 +214,6 @@ class Corpus(ABC):
         Raises:
             FieldError: naming the mapping, the record and the fields it has.
         """
-        from megatron_ualm.data.sources.fields import FieldError
-
         first = self.first_record()
         if first is None:
             return
@@ -253,17 +250,13 @@ class Corpus(ABC):
         record = self.mapping().apply(view, record, what)
         if self.family in self.needs_audio and all(record.get(k) is None for k in ("audio", "sound", "codes")):
             raise RecordError(f"is missing: {what} has no audio; its fields are: "
-                              f"{', '.join(_names(view)) or 'none'} (map one with --field audio=...)", "audio")
+                              f"{', '.join(available_fields(view)) or 'none'} (map one with --field audio=...)",
+                              "audio")
         return assemble(record, self.family)
 
 
-def _names(view: dict) -> list[str]:
-    from megatron_ualm.data.sources.fields import available_fields
-
-    return available_fields(view)
-
-
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ``[a, b)`` ranges, joined where they touch."""
     out: list[tuple[int, int]] = []
     for a, b in ranges:
         if out and out[-1][1] >= a:
@@ -272,12 +265,3 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
             out.append((a, b))
     return out
 
-
-def in_ranges(ranges: Sequence[tuple[int, int]]):
-    """A predicate ``i -> bool`` for sorted ``[a, b)`` ranges, and the end of the last one."""
-    end = ranges[-1][1] if ranges else 0
-
-    def wanted(i: int) -> bool:
-        return any(a <= i < b for a, b in ranges)
-
-    return wanted, end
