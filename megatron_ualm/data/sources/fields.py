@@ -82,10 +82,6 @@ class Expression:
                 return found
         raise NotFound
 
-    def reads(self) -> list[str]:
-        """The first key each path alternative reads (``json`` for ``json.caption``)."""
-        return [value[0][1] for kind, value in self.alternatives if kind == "path" and value and value[0][0] != "index"]
-
 
 class _Each(list):
     """The values a ``[*]`` step found (joined as text when they are all strings)."""
@@ -407,5 +403,6 @@ def build_field_map(flags: Sequence[str] = (), fields_file: Optional[str] = None
 
 
 def describe_presets() -> Iterator[str]:
+    """One line per preset for ``--help``."""
     for p in PRESETS.values():
         yield f"{p.name} ({p.formats[0]}): {p.about}"

@@ -208,12 +208,13 @@ class WebDatasetCorpus(Corpus):
             if got != m.size:
                 raise RecordError(f"member {m.name} is cut short ({got} of {m.size} bytes): the archive "
                                   "changed or is truncated")
-            if ext == "json":
+            kind = ext.rsplit(".", 1)[-1]  # WebDataset decodes by the last extension: meta.json is JSON
+            if kind == "json":
                 try:
                     view[ext] = json.loads(data)
                 except ValueError as err:
-                    raise RecordError(f"member {m.name} is not valid JSON ({err})", "json") from None
-            elif ext in TEXT_EXTENSIONS:
+                    raise RecordError(f"member {m.name} is not valid JSON ({err})", ext) from None
+            elif kind in TEXT_EXTENSIONS:
                 try:
                     view[ext] = data.decode("utf-8")
                 except UnicodeDecodeError as err:

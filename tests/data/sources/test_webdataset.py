@@ -213,3 +213,29 @@ def test_inputs_that_cannot_be_read_in_place(tmp_path):
         expand_inputs([str(tmp_path / "x-{000001..000002}.tar")])
     with pytest.raises(CorpusError, match="matches no file"):
         expand_inputs([str(tmp_path / "none-*.tar")])
+
+
+def test_the_default_record_is_the_json_plus_the_audio_member(tmp_path):
+    import webdataset as wds
+
+    from megatron_ualm.data.sources import materialize
+
+    path = str(tmp_path / "x.tar")
+    with wds.TarWriter(path) as sink:
+        sink.write({"__key__": "a", "wav": b"RIFF", "json": {"caption": "rain", "start": 0.5}, "txt": "a note"})
+        sink.write({"__key__": "b", "flac": b"fLaC", "wav": b"RIFF", "json": {"caption": "two clips"}})
+        sink.write({"__key__": "c", "flac": b"fLaC"})
+        sink.write({"__key__": "d", "flac": b"fLaC", "json": b"{not json"})
+    corpus = WebDatasetCorpus([path], build_field_map(), "generation", str(tmp_path))
+    layout = corpus.layout(10)
+    got = dict(materialize([r for _, recs in corpus.read_shards(layout, [0]) for r in recs]))
+    a = got[f"{path}:a"]
+    assert (a["caption"], a["start"], bytes(a["audio"]), a["audio"].name) == ("rain", 0.5, b"RIFF", f"{path}:a.wav")
+    assert "several audio members" in got[f"{path}:b"].reason and "--field audio=" in got[f"{path}:b"].reason
+    assert got[f"{path}:c"].field == "json" and "has no .json member (its members: c.flac)" in got[f"{path}:c"].reason
+    assert got[f"{path}:d"].field == "json" and "d.json is not valid JSON" in got[f"{path}:d"].reason
+    # With a mapping, other members serve: the text member as the caption, one of two clips as the audio.
+    corpus = WebDatasetCorpus([path], build_field_map(["caption=txt|json.caption", "audio=flac|wav"]), "generation",
+                              str(tmp_path))
+    got = dict(materialize([r for _, recs in corpus.read_shards(layout, [0]) for r in recs]))
+    assert got[f"{path}:a"]["caption"] == "a note" and got[f"{path}:b"]["audio"].name == f"{path}:b.flac"
