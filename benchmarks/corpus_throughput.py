@@ -9,7 +9,9 @@ so reading is the largest part of the work):
   read in place with ``--preset laion-audio-630k``.
 
 Each is run with 1 and 2 workers, alternating, and the best of ``--repeats`` runs is shown (a
-first untimed run pays imports and warms the page cache). Then peak memory (max RSS) of one-worker runs over the same records in few large tars
+first untimed run pays imports and warms the page cache), as wall time and as records per CPU
+second of the tool's processes (user + system time, which other jobs on a shared machine
+disturb much less than the wall clock). Then peak memory (max RSS) of one-worker runs over the same records in few large tars
 and in many small ones, in fresh processes: it must not grow with the number of tars. Prints a
 table; record it in benchmarks/RESULTS.md.
 
@@ -23,6 +25,7 @@ import contextlib
 import io
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -75,15 +78,21 @@ def write_corpus(root: str, clips: int, seconds: float, per_tar: int) -> tuple[s
     return manifest, pattern
 
 
-def timed(argv: list[str], out: str) -> float:
-    """Seconds of one in-process run (the caller warms up and repeats)."""
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the pool's workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(argv: list[str], out: str) -> tuple[float, float]:
+    """Wall and CPU seconds of one in-process run (the caller warms up and repeats)."""
     from megatron_ualm.data.cli import preprocess_understanding_main
 
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert preprocess_understanding_main([*argv, "--output", out, "--no-progress"]) == 0
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cpu_seconds() - c0
 
 
 PEAK = """
@@ -121,23 +130,23 @@ def main() -> None:
     loose_mb = sum(os.path.getsize(os.path.join(root, "loose", f)) for f in os.listdir(os.path.join(root, "loose")))
     print(f"corpus: {args.clips} clips of {args.seconds:g} s, 48 kHz stereo FLAC ({loose_mb / 2**20:.0f} MiB); "
           f"understanding shards (16 kHz PCM), 64 records per shard; {os.cpu_count()} CPUs")
-    print("| input | workers | s | records/s | records/s per worker |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| input | workers | s | records/s | records/s per worker | records per CPU-s |")
+    print("| --- | --- | --- | --- | --- | --- |")
     runs = (("loose files + JSONL", ["--input", manifest]),
             ("WebDataset tars (64 per tar)", ["--input", pattern, "--preset", "laion-audio-630k"]))
     for workers in (1, 2):
         # Both inputs alternate over the repeats, so drift in the machine's load hits them alike;
         # the best of the repeats is reported (the first run of each pays imports and warms the page cache).
-        best = {name: float("inf") for name, _ in runs}
+        best = {name: (float("inf"), float("inf")) for name, _ in runs}
         for rep in range(args.repeats + 1):
             for name, inputs in runs:
-                s = timed([*inputs, *common, "--workers", str(workers)], os.path.join(root, "out"))
+                wall, cpu = timed([*inputs, *common, "--workers", str(workers)], os.path.join(root, "out"))
                 if rep:
-                    best[name] = min(best[name], s)
+                    best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
         for name, _ in runs:
-            s = best[name]
-            print(f"| {name} | {workers} | {s:.2f} | {args.clips / s:.1f} | {args.clips / s / workers:.1f} |",
-                  flush=True)
+            s, cpu = best[name]
+            print(f"| {name} | {workers} | {s:.2f} | {args.clips / s:.1f} | {args.clips / s / workers:.1f} | "
+                  f"{args.clips / cpu:.1f} |", flush=True)
     print()
     print("| input (1 worker, fresh process) | tars | max RSS MiB |")
     print("| --- | --- | --- |")

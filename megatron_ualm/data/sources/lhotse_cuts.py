@@ -228,11 +228,10 @@ class LhotseSharCorpus(Corpus):
 
     def view(self, where) -> tuple[dict, dict, str]:
         path, member, view, record, what = where
-        audio = NamedBytes(member.size, f"{path}:{member.name}")
         with open(path, "rb") as f:
-            f.seek(member.offset)
-            got = f.readinto(audio)
-        if got != member.size:
-            raise RecordError(f"member {member.name} of {path} is cut short ({got} of {member.size} bytes)",
+            data = os.pread(f.fileno(), member.size, member.offset)
+        if len(data) != member.size:
+            raise RecordError(f"member {member.name} of {path} is cut short ({len(data)} of {member.size} bytes)",
                               "recording")
+        audio = NamedBytes(data, f"{path}:{member.name}")
         return {**view, "audio": audio}, {**record, "audio": audio}, what

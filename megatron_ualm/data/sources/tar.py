@@ -202,11 +202,9 @@ class WebDatasetCorpus(Corpus):
         f = self._file(path)
         view: dict[str, Any] = {"__key__": key}
         for ext, m in members:
-            f.seek(m.offset)
-            data = NamedBytes(m.size, f"{path}:{m.name}")
-            got = f.readinto(data)
-            if got != m.size:
-                raise RecordError(f"member {m.name} is cut short ({got} of {m.size} bytes): the archive "
+            data = os.pread(f.fileno(), m.size, m.offset)
+            if len(data) != m.size:
+                raise RecordError(f"member {m.name} is cut short ({len(data)} of {m.size} bytes): the archive "
                                   "changed or is truncated")
             kind = ext.rsplit(".", 1)[-1]  # WebDataset decodes by the last extension: meta.json is JSON
             if kind == "json":
@@ -220,7 +218,7 @@ class WebDatasetCorpus(Corpus):
                 except UnicodeDecodeError as err:
                     raise RecordError(f"member {m.name} is not UTF-8 text ({err.reason})", ext) from None
             else:
-                view[ext] = data
+                view[ext] = NamedBytes(data, f"{path}:{m.name}")
         names = ", ".join(m.name for _, m in members)
         if "json" not in view and not self.fields.fields:
             raise RecordError(f"{what} has no .json member (its members: {names}); the metadata comes from "
