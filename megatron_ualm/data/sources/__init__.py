@@ -66,7 +66,10 @@ def detect_format(path: str) -> str:
     Parquet and WavCaps JSON are told apart from manifests only by ``--input-format`` or ``--preset``."""
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
-        return "lhotse-shar" if glob.glob(os.path.join(glob.escape(path), "cuts.*.jsonl*")) else "manifest"
+        if glob.glob(os.path.join(glob.escape(path), "cuts.*.jsonl*")):
+            return "lhotse-shar"
+        # A folder of tars: the WebDataset reader says how to name them.
+        return "webdataset" if glob.glob(os.path.join(glob.escape(path), "*.tar")) else "manifest"
     if name.endswith((".tar", ".tar.gz", ".tgz")):
         return "webdataset"
     if name.endswith((".jsonl.gz", ".jsonl")) and _looks_like_cuts(path):

@@ -42,8 +42,8 @@ def test_formats_are_detected_from_the_inputs(tmp_path):
         f.write(json.dumps({"id": "c", "start": 0, "duration": 1, "type": "MonoCut"}) + "\n")
     (tmp_path / "shar").mkdir()
     (tmp_path / "shar" / "cuts.000000.jsonl.gz").write_bytes(b"")
-    assert [detect_format(str(tmp_path / p)) for p in ("a.tar", "m.jsonl", "train.jsonl.gz", "shar")] == [
-        "webdataset", "manifest", "lhotse", "lhotse-shar"]
+    assert [detect_format(str(tmp_path / p)) for p in ("a.tar", "m.jsonl", "train.jsonl.gz", "shar", ".")] == [
+        "webdataset", "manifest", "lhotse", "lhotse-shar", "webdataset"]  # a folder of tars, too
     # Manifests without a mapping are read as always (no corpus reader).
     assert open_corpus(namespace([str(tmp_path / "m.jsonl")]), "text") is None
     with pytest.raises(CorpusError, match="mixes formats"):

@@ -151,3 +151,20 @@ def test_preference_columns_mapped_in_the_post_training_tool(tmp_path, tokenizer
                                         "--field", "chosen=better", "--field", "rejected=worse",
                                         "--output", str(tmp_path / "mapped"), *args]) == 0
     assert_same_shards(tmp_path / "ref", tmp_path / "mapped")
+
+
+def test_wavcaps_audio_folder_lookup(tmp_path):
+    from megatron_ualm.data.errors import RecordError
+    from megatron_ualm.data.sources.wavcaps import AudioIndex
+
+    for rel in ("FreeSound/180913.flac", "BBC/07019047.wav", "a/dup.flac", "b/dup.flac", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    index = AudioIndex(str(tmp_path))
+    assert index.find("FreeSound/180913.flac") == str(tmp_path / "FreeSound/180913.flac")  # by path
+    assert index.find("07019047.wav") == str(tmp_path / "BBC/07019047.wav")  # by name
+    assert index.find("180913") == str(tmp_path / "FreeSound/180913.flac")  # by stem
+    with pytest.raises(RecordError, match="matches 2 files"):
+        index.find("dup.wav")
+    with pytest.raises(RecordError, match="no audio file for 'notes'"):
+        index.find("notes")  # not an audio file
