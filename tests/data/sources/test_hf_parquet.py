@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import runpy
 import zipfile
 
 import pytest
@@ -15,7 +17,11 @@ from megatron_ualm.data.sources import CorpusError
 from megatron_ualm.data.sources.fields import build_field_map
 from megatron_ualm.data.sources.parquet import HFParquetCorpus
 from megatron_ualm.data.tasks import Task
-from megatron_ualm.posttraining.data_tools import preprocess_preferences_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+# The tool's own entry point, wherever the package keeps it (issue 19 moves it into data/cli.py).
+preprocess_preferences_main = runpy.run_path(os.path.join(REPO, "tools", "preprocess_preferences.py"))[
+    "preprocess_preferences_main"]
 
 
 def hub_parquet(root, rows_per_group: int = 3, n: int = 10) -> tuple[str, list[dict]]:
