@@ -137,7 +137,7 @@ def load_audio(
     if decoder == "auto":
         decoder = "dali" if dali_available() else "soundfile"
     if isinstance(source, (bytes, bytearray, memoryview)):
-        handle, name = io.BytesIO(bytes(source)), "<bytes>"
+        handle, name = io.BytesIO(bytes(source)), getattr(source, "name", "<bytes>")  # a corpus member's name
         if not len(source):
             raise RecordError("empty audio: the record's audio bytes are empty", field)
     elif isinstance(source, str):

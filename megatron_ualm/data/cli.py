@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 
 from megatron_ualm.compat import quiet
 from megatron_ualm.data.families import FAMILIES
+from megatron_ualm.data.sources import add_corpus_arguments
 from megatron_ualm.data.tasks import add_task_arguments
 from megatron_ualm.files import atomic_json, atomic_write
 
@@ -51,7 +52,10 @@ def _positive(text: str) -> int:
 
 def _common(parser: argparse.ArgumentParser, default_per_shard: int) -> None:
     parser.add_argument("--input", nargs="+", required=True,
-                        help="manifest files (.jsonl or .parquet), read in the order given")
+                        help="inputs, read in the order given: manifests (.jsonl or .parquet), or corpora as they "
+                             "ship (WebDataset .tar shards, Lhotse cuts.jsonl.gz or Shar directories, Hugging Face "
+                             "Parquet, WavCaps JSON; see --input-format). Globs and brace ranges such as "
+                             "shards/laion-{000000..000099}.tar are expanded")
     parser.add_argument("--output", required=True, help="directory for the shards")
     parser.add_argument("--name", help="shard name prefix (default: the data family)")
     parser.add_argument("--tokenizer", required=True,
@@ -59,16 +63,20 @@ def _common(parser: argparse.ArgumentParser, default_per_shard: int) -> None:
     parser.add_argument("--workers", type=_positive, default=1,
                         help="worker processes (default 1: in-process)")
     parser.add_argument("--records-per-shard", type=_positive, default=default_per_shard,
-                        help=f"manifest records per shard (default {default_per_shard})")
+                        help=f"records per shard (default {default_per_shard}); whole tars, Shar shards and "
+                             "Parquet row groups are packed into shards up to this many records, and a larger one "
+                             "is cut into several shards that one task writes")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad record (default: skip it and record the reason)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_corpus_arguments(parser)
     add_task_arguments(parser)
 
 
 def _audio_root(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio-root",
-                        help="directory relative audio paths are resolved against (default: the manifest's directory)")
+                        help="directory relative audio paths are resolved against (default: the manifest's "
+                             "directory); with --input-format wavcaps, the audio folder or .zip")
     parser.add_argument("--audio-decoder", choices=("soundfile", "dali", "auto"), default="soundfile",
                         help="soundfile: libsndfile + soxr resampling (default); dali: NVIDIA DALI's decoder "
                              "and resampler (pip install nvidia-dali-cuda130; runs on CPU too); auto: DALI "
@@ -225,25 +233,30 @@ def _run(args, family: str, converter: Callable[[], tuple], encode_in_main: Call
     quiet.install()
     from megatron_ualm.data.codec import CodecLoadError
     from megatron_ualm.data.preprocess import Job, ManifestError, StrictStop, check_output, open_manifests, run
+    from megatron_ualm.data.sources import CorpusError, FieldError, open_corpus
     from megatron_ualm.data.tasks import IncompleteOutput, OutputConflict, TaskError, check_split, resolve_task
 
     name = args.name or family
     try:
         task = resolve_task(args.num_tasks, args.task_index)
-        manifests = open_manifests(args.input)
+        corpus = open_corpus(args, family)  # None: manifests read as they are
+        manifests = open_manifests(args.input) if corpus is None else None
         check_output(args.output)
         check_split(args.output, name, task)
         _check_tokenizer(args.tokenizer)
         precheck()
+        if corpus is not None:
+            corpus.check_mapping()  # counts the corpus, then maps its first record
         spec = converter()
-        job = Job(converter=spec, inputs=args.input, output=args.output, name=name,
-                  records_per_shard=args.records_per_shard, workers=args.workers, strict=args.strict,
-                  progress=not args.no_progress, encode_in_main=encode_in_main())
+        job = Job(converter=spec, inputs=args.input if corpus is None else corpus.files, output=args.output,
+                  name=name, records_per_shard=args.records_per_shard, workers=args.workers, strict=args.strict,
+                  progress=not args.no_progress, encode_in_main=encode_in_main(), corpus=corpus)
         summary = run(job, task=task, manifests=manifests)
     except StrictStop as err:
         print(f"error (--strict): {err}", file=sys.stderr)
         return 1
-    except (ManifestError, OutputConflict, TaskError, IncompleteOutput, CodecLoadError, UsageError) as err:
+    except (ManifestError, OutputConflict, TaskError, IncompleteOutput, CodecLoadError, UsageError, CorpusError,
+            FieldError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))

@@ -5,7 +5,10 @@ Records are numbered in manifest order across all inputs; shard ``k`` holds reco
 the number of workers nor on the number of tasks (``megatron_ualm.data.tasks``: shard ``k``
 is task ``k mod N``'s, and a task reads only its own shards' records). Each shard is written
 under a temporary name and renamed into place when complete (``ShardWriter``); a rerun keeps
-finished shards and removes the leftovers of a crashed one. A bad record is skipped and
+finished shards and removes the leftovers of a crashed one. Corpora read in place (WebDataset
+tars, Lhotse, Hub Parquet, WavCaps: ``megatron_ualm.data.sources``) cut their shards from
+units a task reads whole (``sources.layout``); their records are references that the
+converting process reads. A bad record is skipped and
 counted (its reason goes to the shard's ``rejected.jsonl``) or, with ``strict``, stops the
 run naming the manifest line.
 
@@ -23,7 +26,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import re
@@ -37,6 +39,8 @@ from tqdm import tqdm
 
 from megatron_ualm.data import tasks
 from megatron_ualm.data.errors import RecordError
+from megatron_ualm.data.sources.base import materialize
+from megatron_ualm.data.sources.layout import Layout, Unit
 from megatron_ualm.data.tasks import OutputConflict, Task
 from megatron_ualm.files import atomic_file, partial_dir
 
@@ -221,6 +225,9 @@ class Job:
         task_index: this task (None: from the launcher).
         encode_in_main: with ``workers > 1``, workers decode audio and this process runs the
             codec (the converter's ``codec``, ``codec_batch_size``); None: when the codec is on CUDA.
+        corpus: a ``megatron_ualm.data.sources`` reader (tars, Lhotse, Hub Parquet, WavCaps, or
+            manifests with a field mapping) whose units and records replace the manifests';
+            ``inputs`` are then its files. None: ``inputs`` are manifests read as they are.
     """
 
     converter: tuple
@@ -234,6 +241,7 @@ class Job:
     num_tasks: Optional[int] = None
     task_index: Optional[int] = None
     encode_in_main: Optional[bool] = None
+    corpus: Any = None
 
     def shard_path(self, index: int) -> str:
         return os.path.join(self.output, f"{self.name}-{index:05d}")
@@ -262,7 +270,11 @@ def _count(n: int) -> None:
 
 
 def _convert(convert: Callable[[list], list], records: list) -> list:
-    """``convert`` over the records that have a raw value; undecodable lines stay as their errors."""
+    """``convert`` over the records that have a raw value; undecodable lines stay as their errors.
+
+    Corpus records arrive as references and are read here, in the converting process.
+    """
+    records = materialize(records)
     ok = [r for r in records if not isinstance(r[1], RecordError)]
     done = iter(convert(ok) if ok else [])
     return [(source, raw.at(source)) if isinstance(raw, RecordError) else next(done) for source, raw in records]
@@ -338,7 +350,10 @@ def run_key(job: Job, header: dict) -> str:
     # Settings that change contents (rich-caption mode, storage, ...) count; where the codec
     # runs and how many clips share a call do not, so a run may resume on another device.
     settings = {k: v for k, v in kwargs.items() if k not in ("codec", "codec_batch_size")}
-    payload = json.dumps([cls.__name__, header, settings, inputs, job.records_per_shard], sort_keys=True, default=str)
+    key = [cls.__name__, header, settings, inputs, job.records_per_shard]
+    if job.corpus is not None:  # manifests without a mapping keep the keys their outputs already have
+        key.append(job.corpus.identity())
+    payload = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -392,21 +407,26 @@ def run(job: Job, task: Optional[Task] = None, manifests: Optional[Sequence[Mani
     from megatron_ualm.data.shards import read_sidecar
 
     task = task or tasks.resolve_task(job.num_tasks, job.task_index)
-    manifests = list(manifests) if manifests is not None else open_manifests(job.inputs)
+    if job.corpus is None:
+        manifests = list(manifests) if manifests is not None else open_manifests(job.inputs)
     check_output(job.output)
     os.makedirs(job.output, exist_ok=True)
 
     _init_worker(job.converter)
     converter = _WORKER["converter"]
     header = converter.header()
-    run_fields = {"run_key": run_key(job, header),
-                  "source": {"manifests": [os.path.abspath(p) for p in job.inputs],
-                             "records_per_shard": job.records_per_shard}}
+    source = {"manifests": [os.path.abspath(p) for p in job.inputs], "records_per_shard": job.records_per_shard}
+    if job.corpus is not None:
+        # The inputs as given (a brace range, not its thousand tars) and how they were read.
+        source = {**source, "manifests": [os.path.abspath(p) for p in job.corpus.inputs], **job.corpus.identity()}
+    run_fields = {"run_key": run_key(job, header), "source": source}
     per_shard = job.records_per_shard
-    total = sum(m.records for m in manifests)
-    num_shards = math.ceil(total / per_shard)
-    size = lambda k: min(per_shard, total - k * per_shard)  # noqa: E731
-    mine = task.shards(num_shards)
+    if job.corpus is not None:
+        layout = job.corpus.layout(per_shard)  # counted from headers / metadata: no audio decoded
+    else:
+        layout = Layout([Unit(m.records, whole=False) for m in manifests], per_shard)
+    total, num_shards, size = layout.records, layout.num_shards, layout.size
+    mine = layout.task_shards(task)
 
     def ours(path: str) -> dict:
         """The sidecar of an existing shard, refused when another run wrote it."""
@@ -422,7 +442,7 @@ def run(job: Job, task: Optional[Task] = None, manifests: Optional[Sequence[Mani
     existing = sorted(p for p in os.listdir(job.output) if re.fullmatch(rf"{re.escape(job.name)}-\d{{5,}}", p))
     if existing:  # outputs of runners before tasks have no run file: compare with a shard
         ours(os.path.join(job.output, existing[0]))
-    tasks.begin(job.output, job.name, task, run_fields["run_key"], num_shards, total)
+    tasks.begin(job.output, job.name, task, run_fields["run_key"], num_shards, total, layout.group_starts)
 
     summary = dict(task=str(task), records=sum(size(k) for k in mine), records_kept=0, shards_written=0,
                    shards_kept=0, samples=0, rejected=0, tokens=0)
@@ -454,7 +474,8 @@ def run(job: Job, task: Optional[Task] = None, manifests: Optional[Sequence[Mani
     # The bar counts this run's work only: kept shards are its starting point, not instant progress.
     bar = tqdm(desc=job.name, unit="rec", total=summary["records"], initial=summary["records_kept"],
                disable=not job.progress, smoothing=0.1, file=sys.stderr)
-    shards = ((job.shard_path(k), records, k * per_shard) for k, records in read_shards(manifests, per_shard, todo))
+    reader = job.corpus.read_shards(layout, todo) if job.corpus is not None else read_shards(manifests, per_shard, todo)
+    shards = ((job.shard_path(k), records, layout.first(k)) for k, records in reader)
     encode_in_main = job.encode_in_main
     if encode_in_main is None:
         codec = getattr(converter, "codec", None)

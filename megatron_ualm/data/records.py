@@ -110,7 +110,7 @@ def audio_source(rec: dict, keys: Sequence[str], root: str) -> tuple[Any, str]:
                     raise RecordError("is an empty path", key)
                 return (value if os.path.isabs(value) else os.path.join(root, value)), key
             if isinstance(value, (bytes, bytearray)):
-                return bytes(value), key
+                return (value if isinstance(value, bytes) else bytes(value)), key  # keeps a NamedBytes' name
             raise RecordError(f"must be a file path or audio bytes, got {type(value).__name__}", key)
     raise RecordError("is missing", keys[0])
 

@@ -62,7 +62,7 @@ class Task:
 
     def shards(self, num_shards: int) -> list[int]:
         """Indices of this task's shards among ``num_shards``."""
-        return list(range(self.index, num_shards, self.count))
+        return owned_shards(self.index, self.count, num_shards)
 
     @property
     def tag(self) -> str:
@@ -70,6 +70,23 @@ class Task:
 
     def __str__(self) -> str:
         return f"task {self.index} of {self.count} ({self.source})"
+
+
+def owned_shards(index: int, count: int, num_shards: int, group_starts: Optional[Sequence[int]] = None) -> list[int]:
+    """The shards task ``index`` of ``count`` writes.
+
+    Args:
+        index: the task.
+        count: number of tasks N.
+        num_shards: shards of the run.
+        group_starts: first shard of each group of shards one task owns together (the shards
+            cut from one large tar or row group, ``megatron_ualm.data.sources.layout``); None:
+            every shard is its own group, so shard ``k`` is task ``k mod N``'s.
+    """
+    if group_starts is None:
+        return list(range(index, num_shards, count))
+    ends = [*group_starts[1:], num_shards]
+    return [k for g in range(index, len(group_starts), count) for k in range(group_starts[g], ends[g])]
 
 
 def _int_env(env: Mapping[str, str], key: str) -> Optional[int]:
@@ -234,8 +251,11 @@ def check_split(output: str, name: str, task: Task) -> None:
                         f"with --num-tasks {others[0]} --task-index I, or write to a new --output")
 
 
-def begin(output: str, name: str, task: Task, run_key: str, num_shards: int, records: int) -> None:
+def begin(output: str, name: str, task: Task, run_key: str, num_shards: int, records: int,
+          group_starts: Optional[Sequence[int]] = None) -> None:
     """Registers a task in the output (checks the run and the split, writes the run file).
+
+    ``group_starts`` (see ``owned_shards``) is kept in the run file for ``problems``.
 
     Raises:
         OutputConflict: the output holds another run's run file.
@@ -250,7 +270,8 @@ def begin(output: str, name: str, task: Task, run_key: str, num_shards: int, rec
     check_split(output, name, task)
     if blob is None:
         atomic_json(path, {"format": RUN_FORMAT, "version": 1, "name": name, "run_key": run_key,
-                          "num_tasks": task.count, "num_shards": num_shards, "records": records})
+                          "num_tasks": task.count, "num_shards": num_shards, "records": records,
+                          **({"group_starts": list(group_starts)} if group_starts is not None else {})})
 
 
 def finish(output: str, name: str, task: Task, run_key: str, shards: Sequence[str], summary: dict,
@@ -308,10 +329,10 @@ def problems(output: str, name: str) -> list[str]:
     if missing:
         detail = ""
         if run:
-            shards = run["num_shards"]
-            done = [sum(os.path.isfile(os.path.join(output, f"{name}-{k:05d}", "shard.json"))
-                        for k in range(i, shards, count)) for i in missing]
-            total = [len(range(i, shards, count)) for i in missing]
+            owned = [owned_shards(i, count, run["num_shards"], run.get("group_starts")) for i in missing]
+            done = [sum(os.path.isfile(os.path.join(output, f"{name}-{k:05d}", "shard.json")) for k in ks)
+                    for ks in owned]
+            total = [len(ks) for ks in owned]
             detail = " (" + ", ".join(f"task {i}: {d} of {t} shards written" for i, d, t in
                                       zip(missing[:8], done, total)) + (", ..." if len(missing) > 8 else "") + ")"
         shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
