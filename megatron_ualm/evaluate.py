@@ -11,8 +11,10 @@ Tasks:
                  category; every raw response is saved.
   text           MMLU-format multiple choice by log-likelihood (--mmlu) and GSM8K-format exact
                  match after generation (--gsm8k), on local JSONL files.
+  tiny-backbones tiny random checkpoints of every backbone in a folder, and the flags that use
+                 them, to run everything above on a CPU (README, "Evaluation on a CPU").
 
-Each task writes <out>/results.json, <out>/results.md (Markdown table; generation columns in the
+Each evaluation task writes <out>/results.json, <out>/results.md (Markdown table; generation columns in the
 paper's order FD, KL, IS, CL, AES) and <out>/samples.csv (one row per clip / question).
 Backbones load from local paths only (see README, "Evaluation"); a metric whose backbone is not
 given is left out. Examples::
@@ -65,7 +67,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="python -m megatron_ualm.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="task", required=True, metavar="{reference,generation,understanding,text}")
+    sub = p.add_subparsers(dest="task", required=True,
+                           metavar="{reference,generation,understanding,text,tiny-backbones}")
 
     r = sub.add_parser("reference", help="reference statistics of real clips (saved once, reused)")
     r.add_argument("--audio-dir", required=True, help="folder of reference clips (id = file stem)")
@@ -107,17 +110,33 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     t.add_argument("--limit", type=int, help="evaluate the first N questions of each file only")
     add_model_args(t)
 
+    b = sub.add_parser("tiny-backbones", help="tiny random checkpoints of every backbone, to run the evaluation "
+                                              "end to end on a CPU (the scores mean nothing)")
+    b.add_argument("out", help="folder to write them to (one subfolder per backbone)")
+    b.add_argument("--seed", type=int, default=0)
+
     args = p.parse_args(argv)
     _check(p, args)
     return args
+
+
+# FD (OpenL3; PANNs or CLAP with --fd-backbones) and KL (PaSST) compare with reference clips.
+_NEEDS_REFERENCE = {"openl3": "FD", "passt": "KL"}
 
 
 def _check(p: argparse.ArgumentParser, args) -> None:
     from megatron_ualm.inference.checkpoint import check_model_args
 
     if args.task in ("reference", "generation"):
+        from megatron_ualm.evaluation.backbones import check_backbone_paths
+
         if not any(getattr(args, f"{n}_path", None) for n in BACKBONE_FLAGS):
-            p.error("give at least one backbone path (--openl3-path, --passt-path, --panns-path, --clap-path, --aesthetics-path)")
+            p.error("give at least one backbone path (--openl3-path, --passt-path, --panns-path, --clap-path, "
+                    "--aesthetics-path); python -m megatron_ualm.evaluate tiny-backbones DIR writes tiny random ones")
+        try:  # every path, before a model loads or a clip is generated
+            check_backbone_paths({n: getattr(args, f"{n}_path", None) for n in BACKBONE_FLAGS})
+        except (OSError, ValueError) as err:
+            p.error(str(err))
     if args.task == "generation":
         if bool(args.audio_dir) == bool(args.load or args.random_init):
             p.error("give either --audio-dir (evaluate existing clips) or --load / --random-init (generate them first)")
@@ -127,6 +146,14 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             check_model_args(p, args, need_codec=True)
         if args.reference and args.reference_dir:
             p.error("give --reference or --reference-dir, not both")
+        needs = {_NEEDS_REFERENCE.get(n, f"FD_{n}") for n in BACKBONE_FLAGS if getattr(args, f"{n}_path", None)
+                 and (n == "passt" or n in args.fd_backbones)}
+        if needs and not (args.reference or args.reference_dir):
+            flags = sorted(f"--{n}-path" for n in BACKBONE_FLAGS if getattr(args, f"{n}_path", None)
+                           and (n == "passt" or n in args.fd_backbones))
+            p.error(f"{' and '.join(sorted(needs))} compare the clips with reference clips: give --reference REF.npz "
+                    "(python -m megatron_ualm.evaluate reference ...) or --reference-dir DIR of real clips, or leave "
+                    f"out {', '.join(flags)} (IS, CL and AES need no reference)")
     if args.task == "understanding":
         check_model_args(p, args)
     if args.task == "text":
@@ -137,10 +164,37 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         path = getattr(args, name, None)
         if path and not os.path.isdir(path):
             p.error(f"--{name.replace('_', '-')} {path} is not a folder")
+    if getattr(args, "reference_dir", None):
+        from megatron_ualm.evaluation.tta import list_clips
+
+        try:
+            list_clips(args.reference_dir)
+        except ValueError as err:
+            p.error(f"--reference-dir: {err}")
     for name in ("prompts", "reference", "data", "mmlu", "gsm8k"):
         path = getattr(args, name, None)
         if path and not os.path.isfile(path):
             p.error(f"--{name} {path} does not exist")
+    if getattr(args, "reference", None):
+        from megatron_ualm.evaluation.tta import ReferenceStats
+
+        try:
+            ReferenceStats.load(args.reference)
+        except (OSError, ValueError, KeyError) as err:
+            p.error(f"--reference {args.reference} is not reference statistics of the reference task ({err})")
+
+
+def run_tiny_backbones(args) -> None:
+    from megatron_ualm.tiny.backbones import write_all
+
+    paths = write_all(args.out, args.seed)
+    flags = " ".join(f"--{name}-path {path}" for name, path in paths.items())
+    from megatron_ualm.files import atomic_write
+
+    atomic_write(os.path.join(args.out, "flags.txt"), flags + "\n")
+    print(flags)
+    _log(f"wrote tiny random backbones to {args.out} (random weights: every metric runs, no score means anything); "
+         f"their flags are in {os.path.join(args.out, 'flags.txt')}")
 
 
 def _log(msg: str) -> None:
@@ -307,7 +361,7 @@ def main(argv: Optional[list] = None) -> None:
     args = parse_args(argv)
     try:
         {"reference": run_reference, "generation": run_generation, "understanding": run_understanding,
-         "text": run_text}[args.task](args)
+         "text": run_text, "tiny-backbones": run_tiny_backbones}[args.task](args)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
 

@@ -223,10 +223,10 @@ def main(argv: Optional[list] = None) -> None:
                                 audio=[file], rounds=out.rounds,
                                 transcript=os.path.join(rec["id"], "transcript.md")))
     if writer:
-        with open(os.path.join(args.out, "results.jsonl"), "w") as f:
-            for r in results:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        print(f"wrote {len(results)} results to {os.path.join(args.out, 'results.jsonl')}")
+        from megatron_ualm.files import atomic_write, jsonl_text
+
+        path = atomic_write(os.path.join(args.out, "results.jsonl"), jsonl_text(results))
+        print(f"wrote {len(results)} results to {path}")
     api.destroy_parallel()
 
 

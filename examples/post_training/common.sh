@@ -96,8 +96,10 @@ dpo() {
 
 # train MODULE CKPT OUT BLEND FLAGS...: a training entry point (megatron_ualm.finetune / .dpo) that
 # starts from CKPT and keeps its own run in OUT (--load and --save: a rerun resumes), on BLEND.
+# Metrics go to OUT/tb (TensorBoard), OUT/metrics.jsonl and OUT/loss.png (tools/plot_losses.py).
 train() {
   local module=$1 ckpt=$2 out=$3 blend=$4; shift 4
   launch "$module" "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${PRECISION_ARGS[@]}" "$@" \
-    --pretrained-checkpoint "$ckpt" --load "$out" --save "$out" --blend-file "$blend" --data-cache-path "$W/cache"
+    --pretrained-checkpoint "$ckpt" --load "$out" --save "$out" --blend-file "$blend" --data-cache-path "$W/cache" \
+    --tensorboard-dir "$out/tb" --loss-plot "$out/loss.png"
 }

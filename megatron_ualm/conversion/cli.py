@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--load", required=True, help="checkpoint directory (with latest_checkpointed_iteration.txt) "
                      "or one iter_*/release directory")
     exp.add_argument("--output", required=True, help="new HF directory to write")
-    exp.add_argument("--tokenizer", default=None, help="directory whose tokenizer files are copied")
+    exp.add_argument("--tokenizer", default=None, help="the tokenizer to copy beside the weights: its folder, or its "
+                     "tokenizer.json (its folder's other tokenizer files come along); checked against the checkpoint")
     exp.add_argument("--dtype", choices=sorted(_dtypes()), default=None, help="default: the checkpoint's")
     exp.add_argument("--flavor", default=None, help="optional: checkpoints describe their own model; when given it "
                      "is checked against the checkpoint (needed only for bare dist_checkpointing saves)")
@@ -109,8 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 no_audio_encoder=args.no_audio_encoder, codec=args.codec, seed=args.seed,
                 overrides=_overrides(args.override), progress=not args.no_progress,
             )
-            print(f"wrote {path} in {time.time() - start:.1f}s; train with --load {args.output} "
-                  f"(or --pretrained-checkpoint {args.output} --finetune)")
+            print(f"wrote {path} in {time.time() - start:.1f}s; train from it with --pretrained-checkpoint "
+                  f"{args.output} (finetune, dpo and pretrain take its model from it: no --flavor needed)")
         else:
             from megatron_ualm.conversion.exporter import export_hf
 

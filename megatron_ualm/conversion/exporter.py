@@ -43,6 +43,7 @@ from megatron_ualm.conversion.megatron_io import (
     quiet_megatron_logs,
     structure_model,
 )
+from megatron_ualm.files import partial_dir
 from megatron_ualm.vocab import SPECIAL_TOKENS, UALMVocab
 
 TOKENIZER_FILES = (
@@ -75,13 +76,33 @@ def _hf_names(unit_name: str, tensors: Dict[str, torch.Tensor], config) -> Dict[
     return {names[k]: v for k, v in tensors.items() if k in names}
 
 
-def _check_tokenizer(description: Dict[str, Any], tokenizer_dir: str, ckpt: str) -> None:
-    """The tokenizer copied into the export must be the one the checkpoint was trained with."""
-    path = os.path.join(tokenizer_dir, "tokenizer.json")
-    if os.path.isfile(path):
-        from megatron_ualm.data.tokenizer import TextTokenizer
+def tokenizer_files(tokenizer: str) -> list[str]:
+    """The tokenizer files an export copies: those of ``TOKENIZER_FILES`` in a folder, or a given
+    file (``tokenizer.json``, a sentencepiece ``.model``) and its folder's other tokenizer files.
 
-        checkpoint_format.check_tokenizer(description, TextTokenizer(path).identity(), ckpt, path)
+    Raises:
+        ConversionError: the path is missing or holds no tokenizer file.
+    """
+    if not os.path.exists(tokenizer):
+        raise ConversionError(f"--tokenizer {tokenizer} does not exist; give the tokenizer's folder (e.g. the base "
+                              "model's Hugging Face folder) or its tokenizer.json")
+    folder, given = (tokenizer, None) if os.path.isdir(tokenizer) else (os.path.dirname(tokenizer) or ".", tokenizer)
+    files = [os.path.join(folder, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n))]
+    if given is not None and os.path.abspath(given) not in map(os.path.abspath, files):
+        files.insert(0, given)
+    if not files:
+        raise ConversionError(f"{tokenizer} holds none of the tokenizer files {list(TOKENIZER_FILES)}")
+    return files
+
+
+def _check_tokenizer(description: Dict[str, Any], files: list[str], ckpt: str) -> None:
+    """The tokenizer copied into the export must be the one the checkpoint was trained with."""
+    from megatron_ualm.data.tokenizer import TextTokenizer
+
+    for path in files:
+        if path.endswith(("tokenizer.json", ".model")):
+            checkpoint_format.check_tokenizer(description, TextTokenizer(path).identity(), ckpt, path)
+            return
 
 
 def export_hf(
@@ -112,8 +133,8 @@ def export_hf(
         ``output``.
     """
     ckpt = checkpoint_format.resolve_checkpoint(load)
-    if os.path.isdir(output) and os.listdir(output):
-        raise ConversionError(f"output directory {output} is not empty; choose a new one")
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise ConversionError(f"output {output} exists and is not an empty directory; choose a new one")
     description = checkpoint_format.read_description(ckpt)
     if description is not None:
         checkpoint_format.check_flavor(description, flavor, ckpt)
@@ -126,13 +147,26 @@ def export_hf(
             f"{ckpt} does not describe its model (no 'ualm' description, no training args): pass --flavor "
             "(and --override for fields the training run changed)"
         )
-    if tokenizer is not None:
-        _check_tokenizer(description, tokenizer, ckpt)
+    copied = tokenizer_files(tokenizer) if tokenizer is not None else []
+    _check_tokenizer(description, copied, ckpt)
     out_dtype = checkpoint_format.DTYPES[dtype] if dtype else config.params_dtype
+    final, output = output, partial_dir(output)  # written whole under a hidden name, then renamed
+    shutil.rmtree(output, ignore_errors=True)  # an earlier export that was killed
+    os.makedirs(output)
+    try:
+        _write(ckpt, config, description, out_dtype, copied, output, max_shard_size, progress)
+    except BaseException:
+        shutil.rmtree(output, ignore_errors=True)
+        raise
+    os.replace(output, final)  # an empty final directory is replaced too
+    return final
+
+
+def _write(ckpt: str, config, description: dict, out_dtype, tokenizer: list[str], output: str, max_shard_size: str,
+           progress: bool) -> None:
+    """The export's files, into ``output``."""
     model = structure_model(config)
     units = model_units(model)
-
-    os.makedirs(output, exist_ok=True)
     text = ShardedSafetensorsWriter(output, parse_size(max_shard_size))
     encoder = None
     if config.audio_encoder_type is not None:
@@ -162,10 +196,5 @@ def export_hf(
     with open(os.path.join(output, UALM_CONFIG_FILE), "w") as f:
         json.dump(dict(description=description, special_tokens={t: vocab.special(t) for t in SPECIAL_TOKENS}, layout=LAYOUT),
                   f, indent=2)
-    if tokenizer is not None:
-        copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer, n))]
-        if not copied:
-            raise ConversionError(f"{tokenizer} holds none of the tokenizer files {list(TOKENIZER_FILES)}")
-        for n in copied:
-            shutil.copy2(os.path.join(tokenizer, n), os.path.join(output, n))
-    return output
+    for path in tokenizer:
+        shutil.copy2(path, os.path.join(output, os.path.basename(path)))

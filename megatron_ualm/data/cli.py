@@ -260,6 +260,9 @@ def _run(args, family: str, converter: Callable[[], tuple], encode_in_main: Call
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))
+    if summary.get("rejected"):
+        print(f"{summary['rejected']} of {summary['records']} records rejected (not in the shards); each one's source, "
+              f"field and reason: {summary['rejected_file']}", file=sys.stderr)
     return 0
 
 
@@ -551,6 +554,6 @@ def preprocess_preferences_main(argv: Optional[Sequence[str]] = None) -> int:
         'response is text, one message ({"content"}, {"audio": path} or {"codes": [[...]]}) or a list '
         "of assistant messages (e.g. a caption, then audio); other fields (id, scores) are ignored. "
         "Records with a missing side, chosen identical to rejected, or missing / undecodable audio are "
-        "named in rejected.jsonl and skipped (--strict stops at the first). Schema: "
+        "named in <output>/preference.rejected.jsonl and skipped (--strict stops at the first). Schema: "
         "megatron_ualm/data/preference.py.",
         "preference.PreferenceConverter")

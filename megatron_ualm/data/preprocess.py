@@ -496,7 +496,8 @@ def run(job: Job, task: Optional[Task] = None, manifests: Optional[Sequence[Mani
         bar.close()
     summary["reasons"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
     paths = [job.shard_path(k) for k in mine]
-    _merge_rejected(paths, tasks.rejected_file(job.output, job.name, task))
+    summary["rejected_file"] = tasks.rejected_file(job.output, job.name, task)
+    _merge_rejected(paths, summary["rejected_file"])
     tasks.finish(job.output, job.name, task, run_fields["run_key"], paths, summary, summary["records"])
     return summary
 

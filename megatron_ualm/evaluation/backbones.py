@@ -34,6 +34,7 @@ import json
 import os
 import sys
 import types
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -118,7 +119,7 @@ def read_checkpoint(path: str, backbone: str, defaults: dict, weight_names: Sequ
     """
     if not path or not os.path.exists(path):
         raise FileNotFoundError(f"{backbone} weights {path!r} do not exist: give the local checkpoint file or folder "
-                                f"(see README 'Evaluation: preparing the backbones')")
+                                f"({README_HINT})")
     config = dict(defaults)
     if os.path.isfile(path):
         return config, path
@@ -132,7 +133,17 @@ def read_checkpoint(path: str, backbone: str, defaults: dict, weight_names: Sequ
     for name in weight_names:
         if os.path.isfile(os.path.join(path, name)):
             return config, os.path.join(path, name)
-    raise FileNotFoundError(f"{backbone} folder {path} holds none of {list(weight_names)}")
+    raise FileNotFoundError(f"{backbone} folder {path} holds none of {list(weight_names)} ({README_HINT})")
+
+
+README_HINT = "see README 'Evaluation: preparing the backbones'"
+
+
+def check_backbone_paths(paths: dict[str, Optional[str]]) -> None:
+    """``Backbone.check_path`` of every given ``{name: path}``, before any model or clip is touched."""
+    for name, path in paths.items():
+        if path:
+            BACKBONES[name].check_path(path)
 
 
 def load_state_dict(weights: str) -> dict:
@@ -172,6 +183,25 @@ def _quiet():
         yield
 
 
+# What the backbones' own packages (and torch under them) warn about on every load or forward:
+# their use of deprecated torch APIs, an input one frame off the size PaSST was trained on, empty
+# mel filters of OpenL3's fixed filterbank. None of it is the user's to act on.
+_RESEARCH_CODE_WARNINGS = (
+    r"`torch\.nn\.utils\.weight_norm` is deprecated", r"stft with return_complex=False is deprecated",
+    r"`torch\.cuda\.amp\.autocast\(args\.\.\.\)` is deprecated", r"Input image size \(\d+\*\d+\) doesn't match model",
+    r"Empty filters detected in mel frequency basis", r"Support for mismatched key_padding_mask and attn_mask",
+)
+
+
+@contextlib.contextmanager
+def research_code_warnings_off():
+    """Runs a block with the backbones' packages' known deprecation and shape warnings dropped."""
+    with warnings.catch_warnings():
+        for pattern in _RESEARCH_CODE_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield
+
+
 @contextlib.contextmanager
 def numpy_seeded(seed: int):
     """Runs a block with numpy's global RNG seeded, then restores the caller's RNG state
@@ -201,8 +231,21 @@ class Backbone:
     """
 
     name: str = ""
+    label: str = ""
+    """The backbone's name in messages."""
+    weight_names: tuple = ("model.pt", "model.pth", "model.safetensors")
+    """The weight files a checkpoint folder may hold, in the order they are looked for."""
     sample_rate: int = 16000
     outputs: tuple = ()
+
+    @classmethod
+    def check_path(cls, path: str) -> None:
+        """Checks, without loading anything, that ``path`` is a checkpoint this backbone reads.
+
+        Raises:
+            FileNotFoundError / ValueError: the message says what the path must hold.
+        """
+        read_checkpoint(path, cls.label, {}, cls.weight_names)
 
     def __init__(self, path: str, device: Optional[str] = None, batch_size: int = 32) -> None:
         self.path = path
@@ -228,7 +271,8 @@ class Backbone:
         """
         if not len(waves):
             return []
-        return self._features(list(waves), sample_rate)
+        with research_code_warnings_off():
+            return self._features(list(waves), sample_rate)
 
     def _features(self, waves: list, sample_rate: int) -> list[dict]:
         raise NotImplementedError
@@ -254,7 +298,8 @@ class OpenL3(Backbone):
             the paper); OpenL3's own front end then resamples to 48 kHz (``julius``).
     """
 
-    name, sample_rate, outputs = "openl3", 44100, ("openl3",)
+    name, label, sample_rate, outputs = "openl3", "OpenL3", 44100, ("openl3",)
+    weight_names = ("model.pt", "model.pth", "model.pth.tar", "model.safetensors")
     DEFAULTS = {"input_repr": "mel256", "content_type": "env", "embedding_size": 512}
 
     def __init__(self, path: str, device: Optional[str] = None, batch_size: int = 64,
@@ -262,8 +307,7 @@ class OpenL3(Backbone):
         super().__init__(path, device, batch_size)
         from torchopenl3.models import PytorchOpenl3
 
-        config, weights = read_checkpoint(path, "OpenL3", self.DEFAULTS,
-                                          ("model.pt", "model.pth", "model.pth.tar", "model.safetensors"))
+        config, weights = read_checkpoint(path, self.label, self.DEFAULTS, self.weight_names)
         self.model = PytorchOpenl3(**config)
         self.model.load_state_dict(load_state_dict(weights))
         self.model.eval().to(self.device)
@@ -294,7 +338,7 @@ class PaSST(Backbone):
     ``hear21passt.base.get_basic_model``), whose release file is the state dict of the network.
     """
 
-    name, sample_rate, outputs = "passt", 32000, ("passt_logits",)
+    name, label, sample_rate, outputs = "passt", "PaSST", 32000, ("passt_logits",)
     DEFAULTS = {"img_size": [128, 998], "patch_size": 16, "stride": [10, 10], "in_chans": 1, "num_classes": 527,
                 "embed_dim": 768, "depth": 12, "num_heads": 12, "distilled": True}
     WINDOW_SECONDS, OVERLAP_SECONDS = 10.0, 5.0
@@ -305,7 +349,7 @@ class PaSST(Backbone):
         from hear21passt.models.preprocess import AugmentMelSTFT
         from hear21passt.wrapper import PasstBasicWrapper
 
-        config, weights = read_checkpoint(path, "PaSST", self.DEFAULTS, ("model.pt", "model.pth", "model.safetensors"))
+        config, weights = read_checkpoint(path, self.label, self.DEFAULTS, self.weight_names)
         config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
         with _quiet():
             # The mel front end of get_basic_model (the one PaSST was trained with).
@@ -363,13 +407,13 @@ class PANNs(Backbone):
     checkpoint audioldm_eval evaluates with at 16 kHz).
     """
 
-    name, sample_rate, outputs = "panns", 16000, ("panns_logits", "panns_embedding")
+    name, label, sample_rate, outputs = "panns", "PANNs", 16000, ("panns_logits", "panns_embedding")
     DEFAULTS = {"sample_rate": 16000, "window_size": 512, "hop_size": 160, "mel_bins": 64, "fmin": 50,
                 "fmax": 8000, "classes_num": 527}
 
     def __init__(self, path: str, device: Optional[str] = None, batch_size: int = 32) -> None:
         super().__init__(path, device, batch_size)
-        config, weights = read_checkpoint(path, "PANNs", self.DEFAULTS, ("model.pt", "model.pth", "model.safetensors"))
+        config, weights = read_checkpoint(path, self.label, self.DEFAULTS, self.weight_names)
         self.sample_rate = int(config["sample_rate"])
         self.model = _panns_models().Cnn14(**config)
         self.model.load_state_dict(load_state_dict(weights))
@@ -410,15 +454,35 @@ class CLAP(Backbone):
     longer than 10 s get their random crops from a fixed seed, so scores are repeatable).
     """
 
-    name, sample_rate, outputs = "clap", 48000, ("clap_audio",)
+    name, label, sample_rate, outputs = "clap", "LAION-CLAP", 48000, ("clap_audio",)
+
+    @classmethod
+    def check_path(cls, path: str) -> None:
+        """A ``transformers`` folder: ``config.json`` and the weights of ``ClapModel``, and the processor."""
+        if not path or not os.path.exists(path):
+            raise FileNotFoundError(f"LAION-CLAP weights {path!r} do not exist: give the local transformers folder "
+                                    f"(ClapModel + ClapProcessor save_pretrained, e.g. a copy of laion/clap-htsat-fused; "
+                                    f"{README_HINT})")
+
+        def has(*names: str) -> bool:
+            return any(os.path.isfile(os.path.join(path, n)) for n in names)
+
+        lacks = [what for what, names in (
+            ("config.json", ("config.json",)),
+            ("the model weights (model.safetensors)", ("model.safetensors", "model.safetensors.index.json",
+                                                       "pytorch_model.bin")),
+            ("the processor (preprocessor_config.json)", ("preprocessor_config.json", "processor_config.json")),
+        ) if not os.path.isdir(path) or not has(*names)]
+        if lacks:
+            what = "is a file" if not os.path.isdir(path) else f"lacks {', '.join(lacks)}"
+            raise FileNotFoundError(f"LAION-CLAP folder {path} {what}: it must be a transformers folder (ClapModel + "
+                                    f"ClapProcessor save_pretrained, e.g. a copy of laion/clap-htsat-fused; {README_HINT})")
 
     def __init__(self, path: str, device: Optional[str] = None, batch_size: int = 32, seed: int = 0) -> None:
         super().__init__(path, device, batch_size)
         from transformers import ClapModel, ClapProcessor
 
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"CLAP weights {path!r} must be a transformers folder (ClapModel + "
-                                    "ClapProcessor save_pretrained, e.g. a local copy of laion/clap-htsat-fused)")
+        self.check_path(path)
         self.model = ClapModel.from_pretrained(path, local_files_only=True).eval().to(self.device)
         self.processor = ClapProcessor.from_pretrained(path, local_files_only=True)
         self.sample_rate = int(self.processor.feature_extractor.sampling_rate)
@@ -465,7 +529,8 @@ class Aesthetics(Backbone):
     only; the tiny test checkpoints use it, the official one has no such key.
     """
 
-    name, sample_rate, outputs = "aesthetics", 16000, tuple(f"aes_{a.lower()}" for a in AES_AXES)
+    name, label, sample_rate, outputs = "aesthetics", "AudioBox-Aesthetics", 16000, tuple(f"aes_{a.lower()}" for a in AES_AXES)
+    weight_names = ("checkpoint.pt",)
     MODEL_KEYS = ("proj_num_layer", "proj_ln", "proj_act_fn", "proj_dropout", "nth_layer",
                   "use_weighted_layer_sum", "precision", "normalize_embed", "output_dim")
 
@@ -475,7 +540,7 @@ class Aesthetics(Backbone):
 
         from audiobox_aesthetics.model import aes
 
-        _, weights = read_checkpoint(path, "AudioBox-Aesthetics", {}, ("checkpoint.pt",))
+        _, weights = read_checkpoint(path, self.label, {}, self.weight_names)
         try:
             ckpt = torch.load(weights, map_location="cpu", weights_only=True)
             cfg, transform = ckpt["model_cfg"], ckpt["target_transform"]

@@ -68,10 +68,17 @@ def check_args(args) -> None:
     for flag in ("eval_prompts", "eval_tokenizer", "eval_codec"):
         if not getattr(args, flag):
             raise ValueError(f"--eval-audio-interval needs --{flag.replace('_', '-')}")
-    for flag in ("eval_prompts", "eval_tokenizer", "eval_codec", "eval_clap_path"):
+    for flag in ("eval_prompts", "eval_tokenizer", "eval_codec"):
         path = getattr(args, flag)
         if path and not os.path.exists(path):
             raise ValueError(f"--{flag.replace('_', '-')} {path} does not exist")
+    if args.eval_clap_path:
+        from megatron_ualm.evaluation.backbones import CLAP
+
+        try:
+            CLAP.check_path(args.eval_clap_path)
+        except FileNotFoundError as err:
+            raise ValueError(f"--eval-clap-path: {err}") from None
     from megatron_ualm.evaluation.tta import read_prompts
 
     if not read_prompts(args.eval_prompts):

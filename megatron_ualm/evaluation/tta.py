@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from megatron_ualm.evaluation import metrics
-from megatron_ualm.evaluation.backbones import BACKBONES, Backbone
+from megatron_ualm.evaluation.backbones import BACKBONES, Backbone, research_code_warnings_off
 from megatron_ualm.files import atomic_file, read_jsonl
 from megatron_ualm.progress import progress_bar
 
@@ -261,6 +262,10 @@ def evaluate_clips(files: dict[str, str], models: dict[str, Backbone], reference
         notes.append(msg)
         log(msg)
 
+    def explain(msg: str) -> None:  # a number that needs reading with care, not an error
+        notes.append(msg)
+        log(f"note: {msg}")
+
     for name in fd_backbones:
         key = "FD" if name == "openl3" else f"FD_{name}"
         if name not in feats:
@@ -271,8 +276,16 @@ def evaluate_clips(files: dict[str, str], models: dict[str, Backbone], reference
             skip(f"{key}: the reference statistics were computed with another {name} checkpoint or options "
                  f"({reference.identities.get(name)} vs {models[name].identity}); recompute them")
         else:
-            mu, sigma = metrics.embedding_statistics(_stack_embeddings(feats[name], FD_FEATURES[name]))
-            out[key] = metrics.frechet_distance(mu, sigma, *reference.fd[name])
+            embeddings = _stack_embeddings(feats[name], FD_FEATURES[name])
+            mu, sigma = metrics.embedding_statistics(embeddings)
+            with warnings.catch_warnings(record=True) as caught:  # scipy's sqrtm on a singular product
+                warnings.simplefilter("always")
+                out[key] = metrics.frechet_distance(mu, sigma, *reference.fd[name])
+            n, d = embeddings.shape
+            if n <= d or caught:
+                explain(f"{key}: {n} embeddings ({len(files)} clips) of dimension {d} give a singular covariance "
+                        f"(rank below {d}), so FD mostly measures the small sample; compare FD only between sets of "
+                        "well over d embeddings (the test sets have thousands)")
     if "passt" in feats:
         if reference is None or not reference.passt_probs:
             skip("KL: the reference statistics hold no PaSST posteriors")
@@ -288,11 +301,22 @@ def evaluate_clips(files: dict[str, str], models: dict[str, Backbone], reference
                 for i, v in zip(paired, kl):
                     rows[i]["kl"] = float(v)
                 out["KL"], out["KL_pairs"] = float(kl.mean()), len(paired)
+                if (kl < 0).any():
+                    explain(f"KL: {int((kl < 0).sum())} of {len(paired)} pairs are slightly negative (down to "
+                            f"{kl.min():.2g}): the reference posteriors are smoothed by 1e-6 before the log, as "
+                            "stable-audio-metrics does, so a clip whose classes match its reference almost exactly "
+                            "scores just below 0")
     if "panns" in feats:
         logits = np.stack([feats["panns"][i]["panns_logits"] for i in files])
         splits = min(10, len(files))
         out["IS"], out["IS_std"] = metrics.inception_score(logits, splits=splits)
         out["IS_splits"] = splits
+        if len(files) < 10:
+            explain(f"IS: {len(files)} clips, fewer than the standard 10 splits: each split holds one clip, whose IS "
+                    "is exactly 1; the test sets have about a thousand clips")
+        elif len(files) < 100:
+            explain(f"IS: {len(files)} clips in 10 splits of about {len(files) // 10}: IS grows with the clips per "
+                    "split, so it compares only with sets of the same size (the test sets put about a hundred in each)")
     if "clap" in feats:
         with_prompt = [i for i in files if prompts and i in prompts]
         if not with_prompt:
@@ -320,4 +344,5 @@ def evaluate_clips(files: dict[str, str], models: dict[str, Backbone], reference
 
 def load_backbones(paths: dict[str, Optional[str]], device: Optional[str] = None, **options) -> dict[str, Backbone]:
     """Loads the backbones whose path is given (``{name: path or None}``)."""
-    return {name: BACKBONES[name](p, device=device, **options.get(name, {})) for name, p in paths.items() if p}
+    with research_code_warnings_off():
+        return {name: BACKBONES[name](p, device=device, **options.get(name, {})) for name, p in paths.items() if p}

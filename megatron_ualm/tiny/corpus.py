@@ -111,10 +111,15 @@ def write_corpus(workdir: str, num_text: int, num_clips: int, seed: int) -> dict
         {"messages": [{"role": "user", "content": texts[2 * i]}, {"role": "assistant", "content": texts[2 * i + 1]}]}
         for i in range(num_text)))
     generation = jsonl("generation.jsonl", ({"audio": n, "caption": c} for n, c in captions))
+    # The captions as prompts, with the clip ids (file stems): generate / evaluate read them, and
+    # the clips themselves are the reference set (KL pairs a generated clip with its reference by id).
+    prompts = jsonl("prompts.jsonl", ({"id": os.path.splitext(os.path.basename(n))[0], "prompt": c}
+                                      for n, c in captions))
     understanding = jsonl("understanding.jsonl", (
         {"sound": n, "conversations": [{"from": "human", "value": "<sound>\nwhat do you hear"},
                                        {"from": "gpt", "value": c}]} for n, c in captions))
-    return dict(tokenizer=tokenizer, codec=codec, text=text, generation=generation, understanding=understanding)
+    return dict(tokenizer=tokenizer, codec=codec, text=text, generation=generation, understanding=understanding,
+                prompts=prompts, clips=os.path.join(workdir, "clips"))
 
 
 def build(workdir: str, num_text: int = 600, num_clips: int = 160, workers: int = 2, seed: int = 0) -> dict:

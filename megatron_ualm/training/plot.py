@@ -25,12 +25,14 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_metrics(path: str, out_png: str, keys: Sequence[str] | None = None) -> list[str]:
-    """Writes a PNG of the loss curves in ``path``.
+    """Writes a PNG of a run's curves in ``path``: for LM training (pretrain, finetune) the total
+    and text losses beside the per-codebook losses; for DPO what it logs, the losses, the reward
+    accuracy and margin, and the chosen / rejected log-probabilities of each stream.
 
     Args:
-        path: a ``metrics.jsonl`` written by ``megatron_ualm.pretrain``.
+        path: a ``metrics.jsonl`` written by a training entry point.
         out_png: where to write the figure.
-        keys: losses to draw (default: every key ending in ``loss``).
+        keys: the curves to draw (default: every loss, or DPO's metrics).
 
     Returns:
         The keys drawn.
@@ -43,16 +45,26 @@ def plot_metrics(path: str, out_png: str, keys: Sequence[str] | None = None) -> 
     rows = read_metrics(path)
     if not rows:
         raise ValueError(f"{path} has no logged iterations")
-    keys = list(keys or sorted({k for r in rows for k in r if k.endswith("loss")}))
-    fig, (ax_main, ax_codes) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key in keys:
-        its = [r["iteration"] for r in rows if key in r]
-        vals = [r[key] for r in rows if key in r]
-        ax = ax_codes if key.startswith("codebook_") else ax_main
-        ax.plot(its, vals, label=key, linewidth=1.2)
-    for ax, title in ((ax_main, "total and text loss"), (ax_codes, "per-codebook loss")):
+    present = {k for r in rows for k in r}
+    if "dpo loss" in present:
+        panels = _dpo_panels(rows, present)
+    else:
+        panels = [("total and text loss", "cross-entropy (nats)",
+                   sorted(k for k in present if k.endswith("loss") and not k.startswith("codebook_"))),
+                  ("per-codebook loss", "cross-entropy (nats)", sorted(k for k in present if k.startswith("codebook_")
+                                                                       and k.endswith("loss")))]
+    if keys:
+        panels = [(title, unit, [k for k in keys if k in drawn]) for title, unit, drawn in panels]
+        panels[0][2].extend(k for k in keys if not any(k in drawn for _, _, drawn in panels))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    drawn = []
+    for ax, (title, unit, names) in zip(axes, panels):
+        for key in names:
+            its = [r["iteration"] for r in rows if key in r]
+            ax.plot(its, [r[key] for r in rows if key in r], label=key, linewidth=1.2)
+            drawn.append(key)
         ax.set_xlabel("iteration")
-        ax.set_ylabel("cross-entropy (nats)")
+        ax.set_ylabel(unit)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -60,4 +72,16 @@ def plot_metrics(path: str, out_png: str, keys: Sequence[str] | None = None) -> 
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
-    return keys
+    return drawn
+
+
+def _dpo_panels(rows: list[dict], present: set) -> list[tuple[str, str, list[str]]]:
+    """DPO's panels: losses; reward accuracy and margin; per-stream log-probs (streams that never
+    had a supervised cell, e.g. codebooks of text-only pairs, are left out)."""
+    def nonzero(k: str) -> bool:
+        return any(r.get(k) for r in rows)
+
+    logps = sorted(k for k in present if k.endswith("logp") and nonzero(k))
+    return [("DPO loss", "nats", [k for k in ("loss", "dpo loss", "sft loss") if k in present]),
+            ("rewards", "accuracy / margin", [k for k in ("reward accuracy", "reward margin") if k in present]),
+            ("chosen and rejected log-probabilities", "log p (nats, summed per response)", logps)]

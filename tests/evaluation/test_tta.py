@@ -182,3 +182,66 @@ def test_generate_then_evaluate(decoding_inputs, tiny_backbones, tmp_path):
     assert sorted(os.listdir(out / "audio")) == ["dog.wav", "rain.wav"]
     m = json.loads((out / "results.json").read_text())["metrics"]
     assert m["num_clips"] == 2 and m["CL_pairs"] == 2 and np.isfinite(m["CL"]) and np.isfinite(m["AES"])
+
+
+def _parse_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(argv)
+    return capsys.readouterr().err
+
+
+def test_paths_and_the_reference_are_checked_before_any_clip(folders, tiny_backbones, tmp_path, capsys):
+    """Every backbone path and the reference are checked at parsing, before a model loads or a clip
+    is generated (at scale, hours of decoding); CLAP's message reads like the others'."""
+    gen = ["generation", "--audio-dir", str(folders / "gen"), "--out", str(tmp_path / "out")]
+    err = _parse_error(gen + ["--clap-path", str(tmp_path / "nowhere")], capsys)
+    assert "LAION-CLAP weights" in err and "do not exist" in err and "preparing the backbones" in err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    err = _parse_error(gen + ["--clap-path", str(tmp_path / "half")], capsys)
+    assert "LAION-CLAP folder" in err and "lacks the model weights" in err and "preparing the backbones" in err
+    err = _parse_error(gen + ["--passt-path", str(tmp_path / "nowhere.pt"), "--reference-dir", str(folders / "ref")],
+                       capsys)
+    assert "PaSST weights" in err and "do not exist" in err and "preparing the backbones" in err
+    # FD and KL need reference clips: asked for up front, not a table of dashes at the end.
+    err = _parse_error(gen + ["--openl3-path", tiny_backbones["openl3"], "--passt-path", tiny_backbones["passt"]], capsys)
+    assert "FD and KL compare the clips with reference clips: give --reference" in err and "--reference-dir" in err
+    (tmp_path / "not.npz").write_bytes(b"not an npz")
+    err = _parse_error(gen + ["--openl3-path", tiny_backbones["openl3"], "--reference", str(tmp_path / "not.npz")], capsys)
+    assert "is not reference statistics" in err
+    (tmp_path / "empty").mkdir()
+    err = _parse_error(gen + ["--openl3-path", tiny_backbones["openl3"], "--reference-dir", str(tmp_path / "empty")],
+                       capsys)
+    assert "--reference-dir" in err and "holds no audio files" in err
+    # IS, CL and AES need no reference.
+    evaluate.parse_args(gen + ["--panns-path", tiny_backbones["panns"], "--clap-path", tiny_backbones["clap"]])
+
+
+def test_tiny_backbones_command_writes_usable_flags(tmp_path, capsys):
+    evaluate.main(["tiny-backbones", str(tmp_path / "b")])
+    flags = (tmp_path / "b" / "flags.txt").read_text().split()
+    assert flags == capsys.readouterr().out.split()
+    assert {f for f in flags if f.startswith("--")} == {f"--{n}-path" for n in evaluate.BACKBONE_FLAGS}
+    (tmp_path / "clips").mkdir()
+    tiny_models.write_clips(tmp_path / "clips", ["a", "b"], seconds=0.5)
+    args = evaluate.parse_args(["generation", "--audio-dir", str(tmp_path / "clips"), "--reference-dir",
+                                str(tmp_path / "clips"), "--out", str(tmp_path / "o"), *flags])
+    assert args.clap_path == str(tmp_path / "b" / "clap")
+
+
+def test_small_sets_explain_themselves(folders, loaded_backbones, cache_dir):
+    """IS with fewer clips than splits, FD from fewer embeddings than dimensions, KL pairs just below
+    0 from the smoothing: notes that say why, not warnings."""
+    import warnings
+
+    models = {k: loaded_backbones[k] for k in ("openl3", "passt", "panns")}
+    cache = tta.FeatureCache(cache_dir)
+    files = tta.list_clips(str(folders / "ref"))
+    reference = tta.compute_reference(files, models, cache, ("openl3",), show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing the user would read as an error
+        res = tta.evaluate_clips(files, models, reference, cache=cache, show_progress=False)  # the clips themselves
+    notes = " | ".join(res.notes)
+    assert "IS: 6 clips, fewer than the standard 10 splits" in notes and res.metrics["IS"] == pytest.approx(1.0)
+    assert "singular covariance" in notes
+    assert res.metrics["KL"] <= 0 and "slightly negative" in notes and "1e-6" in notes

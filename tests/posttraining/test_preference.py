@@ -102,6 +102,10 @@ def test_tool_names_bad_pairs_strict_and_resumes(pair_shards, capsys):
         ("3", "rejected"), ("4", "rejected.audio"), ("6", "chosen")]
     capsys.readouterr()
     assert preprocess_preferences_main(argv + ["--output", str(out / "shards")]) == 0  # a rerun keeps the shards
+    said = capsys.readouterr()
+    assert f"3 of {len(RECORDS)} records rejected" in said.err and str(out / "shards" / "preference.rejected.jsonl") in said.err
+    assert json.loads(said.out)["rejected_file"] == str(out / "shards" / "preference.rejected.jsonl")
+    assert preprocess_preferences_main(argv + ["--output", str(out / "shards")]) == 0
     assert json.loads(capsys.readouterr().out)["shards_kept"] == 2
     assert preprocess_preferences_main(argv + ["--output", str(out / "strict"), "--strict"]) == 1
     assert "pairs.jsonl:3" in capsys.readouterr().err

@@ -57,6 +57,19 @@ def test_stages_in_order(recipe):
     assert "UALM-Gen post-training done" in log
 
 
+def test_log_holds_what_a_person_acts_on(recipe):
+    """Megatron's argument dump of each stage is in a file beside its checkpoint, its memory report
+    prints once per run, its INFO logs and internal-tool notices stay out; TensorBoard is written."""
+    w, log = recipe
+    assert "------------------------ arguments" not in log and "one_logger" not in log and "INFO:" not in log
+    for stage in ("adapted", "dpo"):
+        assert os.path.isfile(os.path.join(w, stage, "megatron_arguments.txt")), os.listdir(os.path.join(w, stage))
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(w, stage, "tb")))
+        assert os.path.isfile(os.path.join(w, stage, "loss.png"))
+    assert log.count("Theoretical memory footprints") == 3  # pretraining, adaptation, DPO: once each
+    assert len(log.splitlines()) < 1200, len(log.splitlines())
+
+
 def test_checkpoints_describe_themselves(recipe):
     from megatron_ualm.checkpoint_format import read_description
 

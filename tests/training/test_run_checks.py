@@ -217,3 +217,26 @@ def test_run_lock_on_another_host_goes_stale_by_heartbeat(tmp_path):
     old = time.time() - 3600
     os.utime(tmp_path / LOCK_NAME, (old, old))
     RunLock(str(tmp_path), stale_after_s=60).acquire().release()
+
+
+@pytest.mark.slow  # the module's pretraining run
+def test_export_takes_a_tokenizer_file_and_is_written_whole(world, tmp_path, parallel_world_of_one, monkeypatch):
+    """``--tokenizer path/to/tokenizer.json`` is accepted like a folder, checked before anything is
+    written, and an export that fails midway leaves nothing (a rerun is not refused)."""
+    from megatron_ualm.conversion import ConversionError, export_hf, exporter
+
+    tokenizer_file = os.path.join(world["tok_a"], "tokenizer.json")
+    with pytest.raises(ConversionError, match="does not exist"):
+        export_hf(world["ckpt"], str(tmp_path / "hf"), tokenizer=str(tmp_path / "no" / "tokenizer.json"), progress=False)
+    assert os.listdir(tmp_path) == []
+
+    def fail_after_the_weights(*args, **kwargs):
+        raise RuntimeError("killed after the weights")
+
+    monkeypatch.setattr(exporter, "save_file", fail_after_the_weights)
+    with pytest.raises(RuntimeError, match="killed after the weights"):
+        export_hf(world["ckpt"], str(tmp_path / "hf"), tokenizer=tokenizer_file, progress=False)
+    assert os.listdir(tmp_path) == []  # neither the output nor its hidden partial folder
+    monkeypatch.undo()
+    out = export_hf(world["ckpt"], str(tmp_path / "hf"), tokenizer=tokenizer_file, progress=False)
+    assert "tokenizer.json" in os.listdir(out) and "config.json" in os.listdir(out)
