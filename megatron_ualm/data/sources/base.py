@@ -124,6 +124,8 @@ class Corpus(ABC):
 
     format: str = ""
     needs_audio = ("generation", "understanding")
+    folder_hint: Optional[str] = None
+    """Formats whose inputs are files: what to give instead of a folder ``{f}`` (None: folders allowed)."""
 
     def __init__(self, inputs: Sequence[str], fields: FieldMap, family: str, audio_root: str):
         self.inputs = list(inputs)
@@ -145,7 +147,11 @@ class Corpus(ABC):
     # -- main process: counting and listing ------------------------------------------------
     def find_files(self, inputs: Sequence[str]) -> list[str]:
         """The concrete input files (their sizes go into the run key)."""
-        return expand_inputs(inputs)
+        files = expand_inputs(inputs)
+        for f in files:
+            if self.folder_hint is not None and os.path.isdir(f):
+                raise CorpusError(f"--input {f} is a directory; give " + self.folder_hint.format(f=f))
+        return files
 
     @abstractmethod
     def count_units(self) -> list[Unit]:

@@ -94,14 +94,7 @@ class LhotseCutsCorpus(Corpus):
     """Lhotse CutSet manifests (``cuts.jsonl.gz``): each manifest is a record stream."""
 
     format = "lhotse"
-
-    def find_files(self, inputs: Sequence[str]) -> list[str]:
-        files = super().find_files(inputs)
-        for f in files:
-            if os.path.isdir(f):
-                raise CorpusError(f"--input {f} is a directory; give its cuts manifest (cuts.jsonl.gz), or "
-                                  "--input-format lhotse-shar for a Shar directory")
-        return files
+    folder_hint = "its cuts manifest (cuts.jsonl.gz), or --input-format lhotse-shar for a Shar directory"
 
     def count_units(self) -> list[Unit]:
         return [Unit(sum(1 for _ in manifest_lines(p)), whole=False) for p in self.files]

@@ -15,7 +15,6 @@ needed, so a worker holds at most one row group.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator, Sequence
 
 from megatron_ualm.data.sources.base import Corpus, CorpusError, LazyRecord, NamedBytes
@@ -26,14 +25,8 @@ class HFParquetCorpus(Corpus):
     """Hugging Face audio Parquet files; row groups are the units tasks own."""
 
     format = "hf-parquet"
-
-    def find_files(self, inputs: Sequence[str]) -> list[str]:
-        files = super().find_files(inputs)
-        for f in files:
-            if os.path.isdir(f):
-                raise CorpusError(f"--input {f} is a directory; give its Parquet files, e.g. {f}/train-*.parquet "
-                                  "(a glob per split: train, validation and test files sit side by side)")
-        return files
+    folder_hint = ("its Parquet files, e.g. {f}/train-*.parquet (a glob per split: train, validation and test files "
+                   "sit side by side)")
 
     def count_units(self) -> list[Unit]:
         import pyarrow.parquet as pq

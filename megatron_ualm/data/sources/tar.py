@@ -147,13 +147,11 @@ class WebDatasetCorpus(Corpus):
     """WebDataset tar shards (see the module docstring); each archive is a unit one task reads whole."""
 
     format = "webdataset"
+    folder_hint = "the tar shards, e.g. {f}/*.tar or {f}/name-{{000000..000099}}.tar"
 
     def find_files(self, inputs: Sequence[str]) -> list[str]:
         files = super().find_files(inputs)
         for f in files:
-            if os.path.isdir(f):
-                raise CorpusError(f"--input {f} is a directory; give the tar shards, e.g. {f}/*.tar or "
-                                  f"{f}/name-{{000000..000099}}.tar")
             if f.endswith((".tar.gz", ".tgz")):
                 raise CorpusError(f"--input {f} is a compressed tar, which cannot be read by offset; its audio is "
                                   f"compressed already, so store it uncompressed once: gunzip {f}")
