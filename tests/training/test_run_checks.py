@@ -168,8 +168,11 @@ def test_common_user_errors_end_in_one_line(world, tmp_path):
         "save in use": ((*COMMON, "--synthetic-data", "--train-iters", "1", "--save-interval", "1", "--save",
                          _lock_by_this_process(str(tmp_path / "locked"))),
                         ["in use by another run", f"pid {os.getpid()}", socket.gethostname()]),
-        "megatron assert": ((*COMMON, "--synthetic-data", "--train-iters", "1", "--save", str(tmp_path / "x")),
-                            ["Megatron rejected the arguments", "save_interval"]),
+        "megatron assert in words": ((*COMMON, "--synthetic-data", "--train-iters", "1", "--save", str(tmp_path / "x")),
+                                     ["--save needs --save-interval N", "Megatron's check at"]),
+        "megatron assert as it is": ((*COMMON, "--synthetic-data", "--train-iters", "1", "--lr-warmup-fraction", "0.1",
+                                      "--lr-warmup-iters", "1"),
+                                     ["Megatron rejected the arguments", "lr-warmup-fraction and lr-warmup-iters"]),
     }
     with ThreadPoolExecutor(2) as pool:
         procs = dict(zip(cases, pool.map(lambda argv: run(*argv), [c[0] for c in cases.values()])))
