@@ -33,6 +33,7 @@ from megatron_ualm.compat import cpu as cpu_compat
 from megatron_ualm.compat import megatron_fixes
 from megatron_ualm.errors import CheckpointError
 from megatron_ualm.evaluation import during_training
+from megatron_ualm.training import exit_guard
 from megatron_ualm.training.arguments import add_ualm_args, flavor_argv, flavor_of, ualm_config_from_args
 
 _STATE: dict = {}
@@ -351,6 +352,7 @@ def run(entry: TrainingEntry, argv: Optional[Sequence[str]] = None) -> None:
     cpu_compat.apply_training()
     megatron_fixes.apply()
     try:
+        exit_guard.install()  # a rank that fails must exit, or its launcher never acts
         flavor_of(argv)
         args = _parse(entry, argv)
     except ValueError as err:
