@@ -53,8 +53,9 @@
 #   CONTAINER_IMAGE, CONTAINER_MOUNTS   run the tasks inside a container (pyxis/enroot)
 #   SRUN_ARGS        more srun flags (a bash array), e.g. (--nodes=2 --ntasks-per-node=1)
 #
-# TMPDIR: each task uses its own <TMPDIR or /tmp>/ualm-<job>-<task>, removed when the task ends
-# (the launchers leave torchelastic_* folders behind; a requeued job starts with an empty one).
+# TMPDIR: each task uses a new <TMPDIR or /tmp>/ualm-<job>-<task>-XXXXXX, removed when the task
+# ends (the launchers leave torchelastic_* folders behind). A fresh name per task, not one per
+# job id: job ids repeat across clusters (and test clusters) that share a /tmp.
 
 ualm_launch() {
   local module=$1; shift
@@ -85,8 +86,8 @@ ualm_launch() {
   # shellcheck disable=SC2016  # each task's own shell expands the variables
   srun --kill-on-bad-exit=1 "${SRUN_ARGS[@]}" \
     ${CONTAINER_IMAGE:+--container-image=$CONTAINER_IMAGE --container-mounts=${CONTAINER_MOUNTS:-/data:/data,/ckpt:/ckpt}} \
-    bash -c 'export TMPDIR="$UALM_TMP_ROOT/ualm-$SLURM_JOB_ID-$SLURM_PROCID"
-             rm -rf "$TMPDIR" && mkdir -p "$TMPDIR" && trap '\''rm -rf "$TMPDIR"'\'' EXIT
+    bash -c 'TMPDIR=$(mktemp -d "$UALM_TMP_ROOT/ualm-$SLURM_JOB_ID-$SLURM_PROCID-XXXXXX") && export TMPDIR &&
+             trap '\''rm -rf "$TMPDIR"'\'' EXIT
              $UALM_LAUNCHER --nnodes "$SLURM_NTASKS" --node-rank "$SLURM_PROCID" --nproc-per-node "$NPROC_PER_NODE" \
                --rdzv-id "$SLURM_JOB_ID-$MASTER_PORT" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" "$@"' _ \
     "${launcher_args[@]}" -m "$module" "${timeouts[@]}" "$@"

@@ -404,18 +404,74 @@ class MultiNodeCluster(SlurmCluster):
         """Live processes on ``node`` (in its network namespace)."""
         return pids_in_netns(self.netns[node])
 
-    def processes_on(self, node: str, pattern: str) -> list[int]:
-        """Live processes on ``node`` whose command line contains ``pattern``."""
-        found = []
-        for pid in self.pids_on(node):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if pattern in cmd:
-                found.append(pid)
-        return found
+    def job_processes(self, node: str, job: str) -> list[int]:
+        """Live processes of Slurm job ``job`` on ``node``."""
+        return [p for p in self.pids_on(node) if environment_of(p).get("SLURM_JOB_ID") == job]
+
+    def ranks(self, node: str, job: str) -> list[int]:
+        """The training ranks of ``job`` on ``node``: processes with a ``RANK`` whose parent (the
+        launcher) has none."""
+        return [p for p in self.job_processes(node, job)
+                if "RANK" in environment_of(p) and "RANK" not in environment_of(parent_of(p))]
+
+    def launchers(self, node: str, job: str) -> list[int]:
+        """The launchers (torchrun, ft_launcher) of ``job`` on ``node``."""
+        return [p for p in self.job_processes(node, job)
+                if any(name in _cmdline(p) for name in (b"torch.distributed.run", b"fault_tolerance.launcher",
+                                                        b"torchrun", b"ft_launcher"))]
+
+    def loader_workers(self, node: str, job: str) -> list[int]:
+        """The data-loader workers of ``job``'s ranks on ``node``: forks of a rank (same command
+        line), unlike the rank's spawned helpers (checkpoint writer, resource tracker)."""
+        ranks = set(self.ranks(node, job))
+        return [p for p in self.job_processes(node, job)
+                if parent_of(p) in ranks and _cmdline(p) == _cmdline(parent_of(p))]
+
+    def steps_launched(self, node: str, job: str) -> int:
+        """How many times ``node``'s slurmd launched step 0 of ``job`` (once per incarnation
+        that ran there), from its log."""
+        try:
+            with open(os.path.join(self.root, "log", f"slurmd-{node}.log"), errors="replace") as f:
+                return sum(f"launch task StepId={job}.0 " in line for line in f)
+        except FileNotFoundError:
+            return 0
+
+    def wait_delivered(self, timeout: float = 150.0) -> None:
+        """Waits until every node is up and slurmctld has no RPC left to deliver (``sdiag``).
+
+        After a node loss, srun's and slurmctld's signals to the old incarnation's tasks on the
+        lost node stay queued, retried every 60 s until the node answers again. A requeued job
+        that starts on that node before they are delivered is killed by them (same job and
+        step ids): Slurm makes a requeued job wait ``cred_expire`` + 1 s for that reason, and a
+        test that starts it earlier must wait for the queue to drain instead.
+        """
+        def settled() -> bool:
+            states = self.node_states()
+            return (len(states) == len(self.nodes) and all(s in ("idle", "mixed", "allocated") for s in states.values())
+                    and "No pending RPCs" in self.run("sdiag", check=False))
+
+        self._wait(settled, timeout, "every node up and no RPC pending in slurmctld")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def hang_up_orphan(pid: int) -> bool:
+    """What Linux does to a stopped process whose process group is orphaned (its parent, here a
+    rank that was killed, is gone): SIGHUP, then SIGCONT, so that it ends. gVisor, which this
+    sandbox runs on, does not; the test does it instead, else the stopped process (a data-loader
+    worker) keeps its job step's output pipe open and slurmstepd waits 60 s for it ("Abandoning
+    IO 60 secs after job shutdown initiated"). Returns whether ``pid`` was such a process."""
+    if process_state(pid) != "T" or is_alive(parent_of(pid)) and parent_of(pid) != 1:
+        return False
+    os.kill(pid, signal.SIGHUP)
+    os.kill(pid, signal.SIGCONT)
+    return True
 
 
 def environment_of(pid: int) -> dict[str, str]:
