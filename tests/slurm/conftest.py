@@ -67,10 +67,15 @@ def slurm():
         cluster.stop()
 
 
+# Two pairs of nodes: the default partition for the multi-node jobs, and one of its own for the
+# node-loss job, so that killing its node does not touch the jobs running meanwhile.
+NODE_PARTITIONS = {"main": ["node1", "node2"], "nodeloss": ["node3", "node4"]}
+
+
 @pytest.fixture(scope="session")
 def slurm_nodes():
-    """The running two-node cluster (node1, node2); fails like ``slurm`` when it cannot start."""
-    cluster = _started(lambda: MultiNodeCluster(2), "two-node Slurm cluster")
+    """The running multi-node cluster (``NODE_PARTITIONS``); fails like ``slurm`` when it cannot start."""
+    cluster = _started(lambda: MultiNodeCluster(4, partitions=NODE_PARTITIONS), "multi-node Slurm cluster")
     try:
         yield cluster
     finally:

@@ -172,19 +172,27 @@ class MultiNodeCluster(SlurmCluster):
 
     Args:
         nodes: how many nodes (``node1`` .. ``nodeN``).
+        partitions: ``{name: [node, ...]}``, the first the default (default: one partition
+            ``debug`` of every node). Jobs in different partitions never share a node, so a
+            node of one can be killed while the other runs jobs.
         cpus: CPUs each node declares (default: the machine's). More than the machine has
             lets jobs share it (``SlurmdParameters=config_overrides``).
         root: an empty directory for the cluster's files (default: a new one under /tmp).
         keep: leave ``root`` on disk after ``stop()`` (logs for debugging).
     """
 
-    def __init__(self, nodes: int = 2, cpus: Optional[int] = None, root: Optional[str] = None, keep: bool = False):
+    def __init__(self, nodes: int = 2, partitions: Optional[dict] = None, cpus: Optional[int] = None,
+                 root: Optional[str] = None, keep: bool = False):
         super().__init__(root, keep)
         for tool in ("ip", "nsenter", "unshare"):
             if shutil.which(tool, path=os.environ.get("PATH", "") + os.pathsep + SBIN_PATH) is None:
                 raise SlurmError(f"{tool} is not installed (iproute2 / util-linux): the multi-node cluster needs it")
         self.tag = f"{NAME_PREFIX}{os.getpid()}{'abcdefghij'[next(_COUNTER) % 10]}"
         self.nodes = [f"node{k}" for k in range(1, nodes + 1)]
+        self.partitions = partitions or {"debug": self.nodes}
+        unknown = sorted(set(n for ns in self.partitions.values() for n in ns) - set(self.nodes))
+        if unknown:
+            raise ValueError(f"partitions name nodes {unknown} beyond node1..node{nodes}")
         self.cpus = cpus
         self.bridge = f"{self.tag}0b"
         self.netns = {n: f"{self.tag}{k}n" for k, n in enumerate(self.nodes, 1)}
@@ -317,7 +325,9 @@ class MultiNodeCluster(SlurmCluster):
         for node in self.nodes:
             lines.append(f"NodeName={node} NodeAddr={self.address[node]} NodeHostname={node} Port={_free_port()} "
                          f"{layout_fields} RealMemory={memory} State=UNKNOWN")
-        lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
+        for k, (name, members) in enumerate(self.partitions.items()):
+            lines.append(f"PartitionName={name} Nodes={','.join(members)} Default={'YES' if k == 0 else 'NO'} "
+                         "MaxTime=INFINITE State=UP")
         path = os.path.join(self.root, "slurm.conf")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -409,10 +419,10 @@ class MultiNodeCluster(SlurmCluster):
         return [p for p in self.pids_on(node) if environment_of(p).get("SLURM_JOB_ID") == job]
 
     def ranks(self, node: str, job: str) -> list[int]:
-        """The training ranks of ``job`` on ``node``: processes with a ``RANK`` whose parent (the
-        launcher) has none."""
-        return [p for p in self.job_processes(node, job)
-                if "RANK" in environment_of(p) and "RANK" not in environment_of(parent_of(p))]
+        """The training ranks of ``job`` on ``node``: children of its launchers with a ``RANK``
+        (an orphaned data-loader worker has one too, but no launcher parent)."""
+        launchers = set(self.launchers(node, job))
+        return [p for p in self.job_processes(node, job) if "RANK" in environment_of(p) and parent_of(p) in launchers]
 
     def launchers(self, node: str, job: str) -> list[int]:
         """The launchers (torchrun, ft_launcher) of ``job`` on ``node``."""
@@ -505,7 +515,7 @@ def main(argv=None) -> int:
     if args.dir:
         os.makedirs(args.dir, exist_ok=True)
     try:
-        cluster = MultiNodeCluster(args.nodes, args.cpus, os.path.abspath(args.dir) if args.dir else None,
+        cluster = MultiNodeCluster(args.nodes, cpus=args.cpus, root=os.path.abspath(args.dir) if args.dir else None,
                                    keep=args.keep).start()
     except SlurmError as err:
         print(f"error: {err}", file=sys.stderr)

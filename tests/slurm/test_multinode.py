@@ -1,11 +1,13 @@
-"""The repository's sbatch files across two Slurm nodes (``slurm_nodes``: network namespaces on a
-bridge, one slurmd each), CPU only, gloo, the debug flavor. What each test proves:
+"""The repository's sbatch files across Slurm nodes (``slurm_nodes``: network namespaces on a
+bridge, one slurmd each; partition ``main`` = node1 + node2, ``nodeloss`` = node3 + node4),
+CPU only, gloo, the debug flavor. What each test proves:
 
-- DP=2 across the nodes gives the losses of DP=2 on one node (``dp2_reference``), and survives
-  the loss of a node: node2 is killed (its slurmd and every process on it) after a checkpoint,
+- DP=2 across two nodes gives the losses of DP=2 on one node (``dp2_reference``), and survives
+  the loss of a node: node4 is killed (its slurmd and every process on it) after a checkpoint,
   Slurm requeues the job (bounded by ``SlurmdTimeout``, tests/slurm/multinode.py), and when the
   node is back the job resumes from that checkpoint; every loss of both incarnations equals the
-  reference's.
+  reference's. Most of this scenario is waiting for Slurm, so it runs in the background on its
+  own partition from the start of this module, and its test, the last one, checks it.
 - PP=2 across the nodes with fault tolerance on (``FAULT_TOLERANCE=1``: ft_launcher and
   Megatron's --enable-ft-package) gives the losses of PP=2 on one node, through two hangs: a
   SIGSTOPped rank on node2, then a SIGSTOPped data-loader worker on node1. Each is detected by
@@ -29,6 +31,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -41,10 +44,11 @@ from multinode import hang_up_orphan, is_alive, parent_of, process_state
 
 # Fault-tolerance timeouts for the tests: short, yet far above a CPU step of the debug flavor
 # (well under a second, a few seconds on a busy machine). Setup covers start-up and the load.
-FT_ENV = dict(FAULT_TOLERANCE="1", FT_SECTION_TIMEOUTS="setup:600,step:15,checkpointing:120",
+FT_ENV = dict(FAULT_TOLERANCE="1", FT_SECTION_TIMEOUTS="setup:600,step:10,checkpointing:120",
               FT_OUT_OF_SECTION_TIMEOUT="30", MAX_RESTARTS="3")
 TARGET_RESTART_S = 60  # issue 21: a hang detected and the job restarted within a minute
 TARGET_REQUEUE_S = 45  # issue 21: a lost node ends in a requeue within 45 s
+MAIN = ["node1", "node2"]  # the default partition
 
 
 def loaded_iterations(out: str) -> list[int]:
@@ -66,40 +70,64 @@ def stop(pid: int) -> float:
     return time.monotonic()
 
 
-def test_dp2_across_nodes_equals_one_node_and_survives_the_loss_of_a_node(slurm_nodes, dp2_reference, tmp_path,
-                                                                            record_property):
-    nodes = slurm_nodes
-    save, out = str(tmp_path / "ckpt"), str(tmp_path / "job.out")
-    job = submit_pretrain(nodes, save, out, layout=TWO_NODES)
-    wait_for(lambda: latest(save) >= SAVE_EVERY, "first checkpoint", nodes, job, out)
-    assert nodes.jobs(job)[0]["NodeList"] == "node[1-2]"
+class NodeLoss(threading.Thread):
+    """The node-loss scenario on partition ``nodeloss``, run in the background (``run``); the
+    last test of this module joins it (``outcome``) and checks what it recorded."""
 
-    killed = nodes.kill_node("node2")
-    wait_for(lambda: nodes.jobs(job)[0].get("Restarts") == "1", "requeue after node2 was killed", nodes, job, out,
-             timeout=120, period=0.2, final_ok=("NODE_FAIL",))
-    requeue_s = time.monotonic() - killed
-    record_property("slurm_timing:node loss -> requeue (s)", round(requeue_s, 1))
-    assert requeue_s < TARGET_REQUEUE_S, f"requeued {requeue_s:.0f} s after the node was lost"
-    nodes.wait(job, timeout=60, states=("PENDING",))  # after a moment in COMPLETING on node1
+    NODES = ["node3", "node4"]
 
-    nodes.start_node("node2")
-    # A requeued job is eligible cred_expire + 1 s after the requeue (91 s here, 121 s by
-    # Slurm's default), when the old incarnation's signals to the lost node have surely been
-    # delivered; start it as soon as they have (wait_delivered).
-    nodes.wait_delivered()
-    nodes.run("scontrol", "update", f"jobid={job}", "StartTime=now")
-    record = assert_completed(nodes, job, out)
-    assert record["Restarts"] == "1" and record["NodeList"] == "node[1-2]"
-    assert [nodes.steps_launched(n, job) for n in ("node1", "node2")] == [2, 2], \
-        "each incarnation ran one task on each node"
+    def __init__(self, nodes, directory):
+        super().__init__(name="node-loss", daemon=True)
+        self.nodes, self.save, self.out = nodes, str(directory / "ckpt"), str(directory / "job.out")
+        self.times, self.job, self.error = {}, None, None
 
-    log = job_output(out, limit=10**8)
-    assert "(restart 0), 2 task(s) x 1 rank(s), rendezvous node1:" in log and "(restart 1)" in log
-    assert "Connection reset by peer" in log  # node1's rank lost its peer ...
-    assert "[rank0] exiting after RuntimeError" in log  # ... and exited
-    assert loaded_iterations(out) and SAVE_EVERY <= loaded_iterations(out)[-1] < ITERS
-    assert_rows_equal(metrics(save), dp2_reference.rows())
-    assert latest(save) == ITERS
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as err:  # re-raised by outcome(), in the test
+            self.error = err
+
+    def _run(self) -> None:
+        nodes, save, out = self.nodes, self.save, self.out
+        self.job = job = submit_pretrain(nodes, save, out, layout=TWO_NODES, options=["--partition=nodeloss"])
+        wait_for(lambda: latest(save) >= SAVE_EVERY, "first checkpoint", nodes, job, out, timeout=600)
+        killed = nodes.kill_node("node4")
+        wait_for(lambda: nodes.jobs(job)[0].get("Restarts") == "1", "requeue after node4 was killed", nodes, job,
+                 out, timeout=120, period=0.2, final_ok=("NODE_FAIL",))
+        self.times["requeue"] = time.monotonic() - killed
+        nodes.wait(job, timeout=60, states=("PENDING",))  # after a moment in COMPLETING on node3
+        nodes.start_node("node4")
+        # A requeued job is eligible cred_expire + 1 s after the requeue (91 s here, 121 s by
+        # Slurm's default), when the old incarnation's signals to the lost node have surely been
+        # delivered; start it as soon as they have (wait_delivered).
+        nodes.wait_delivered()
+        nodes.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+        self.record = assert_completed(nodes, job, out, timeout=600)
+        self.times["finished"] = time.monotonic() - killed
+
+    def outcome(self) -> "NodeLoss":
+        self.join(timeout=1200)
+        assert not self.is_alive(), f"the node-loss scenario did not finish\n{job_output(self.out)}"
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(slurm, slurm_nodes, dp2_reference, tmp_path_factory):
+    """At the start of the module: the node-loss scenario starts on its partition, and the
+    one-node references run on ``slurm`` (``dp2_reference`` from conftest.py, ``pp2_reference``)."""
+    scenario = NodeLoss(slurm_nodes, tmp_path_factory.mktemp("node_loss"))
+    scenario.start()
+    d = tmp_path_factory.mktemp("pp2_reference")
+    yield dict(node_loss=scenario, pp2=Reference(slurm, str(d / "ckpt"), str(d / "job.out"), PP="2"))
+    scenario.join(timeout=60)  # a failed module: the cluster's stop() cancels the job
+
+
+@pytest.fixture(scope="module")
+def pp2_reference(background):
+    """pretrain.sbatch on one node of ``slurm`` with PP=2 (two srun tasks, one stage each)."""
+    return background["pp2"]
 
 
 def _restart(nodes, job: str, out: str, victim: int, what: str, record_property) -> dict:
@@ -107,14 +135,14 @@ def _restart(nodes, job: str, out: str, victim: int, what: str, record_property)
     tolerance has killed that rank and started new ranks on both nodes; returns the times.
     (A stopped worker outlives its killed rank: only SIGKILL ends a stopped process. Slurm's
     step cleanup does, at the end of the job.)"""
-    before = {n: set(nodes.ranks(n, job)) for n in nodes.nodes}
+    before = {n: set(nodes.ranks(n, job)) for n in MAIN}
     rank = victim if any(victim in b for b in before.values()) else parent_of(victim)
     stopped = stop(victim)
     wait_for(lambda: not is_alive(rank), f"{what}: the hung rank killed", nodes, job, out, timeout=120)
     detected = time.monotonic() - stopped
     if victim != rank:
         assert hang_up_orphan(victim), f"{what}: the stopped worker {victim} is not an orphan"
-    wait_for(lambda: all(set(nodes.ranks(n, job)) - before[n] for n in nodes.nodes),
+    wait_for(lambda: all(set(nodes.ranks(n, job)) - before[n] for n in MAIN),
              f"{what}: new ranks on both nodes", nodes, job, out, timeout=120)
     restarted = time.monotonic() - stopped
     record_property(f"slurm_timing:{what}: detected (s)", round(detected, 1))
@@ -123,9 +151,9 @@ def _restart(nodes, job: str, out: str, victim: int, what: str, record_property)
     return dict(detected=detected, restarted=restarted)
 
 
-def test_pp2_across_nodes_with_fault_tolerance_restarts_hung_ranks(slurm, slurm_nodes, tmp_path, record_property):
+def test_pp2_across_nodes_with_fault_tolerance_restarts_hung_ranks(slurm_nodes, pp2_reference, tmp_path,
+                                                                    record_property):
     nodes = slurm_nodes
-    reference = Reference(slurm, str(tmp_path / "reference"), str(tmp_path / "reference.out"), PP="2")
     save, out = str(tmp_path / "ckpt"), str(tmp_path / "job.out")
     job = submit_pretrain(nodes, save, out, layout=TWO_NODES, PP="2", **FT_ENV)
 
@@ -147,7 +175,7 @@ def test_pp2_across_nodes_with_fault_tolerance_restarts_hung_ranks(slurm, slurm_
     assert len(re.findall(r"Section '(step|setup|checkpointing)' has been open|out-of-section", log)) >= 2, \
         "the rank monitors did not report the hangs"
     assert len(loaded_iterations(out)) == 2 and loaded_iterations(out)[1] > loaded_iterations(out)[0]
-    assert_rows_equal(metrics(save), reference.rows())
+    assert_rows_equal(metrics(save), pp2_reference.rows())
 
 
 def test_without_fault_tolerance_a_collective_timeout_ends_the_job(slurm_nodes, tmp_path, record_property):
@@ -162,7 +190,9 @@ def test_without_fault_tolerance_a_collective_timeout_ends_the_job(slurm_nodes, 
         d = tmp_path / what.replace(" ", "_")
         d.mkdir()
         jobs[what] = (str(d / "job.out"), str(d / "ckpt"))
+        # No checkpoints: a save is a collective wait of its own, longer than 10 s on a busy machine.
         jobs[what] += (submit_pretrain(nodes, jobs[what][1], jobs[what][0], "--train-iters", "100000",
+                                       "--save-interval", "100000",
                                        layout=TWO_NODES, options=["--exclusive=user", "--no-requeue"],
                                        DIST_TIMEOUT_AFTER_INIT="10"),)
     stopped = {}
@@ -235,33 +265,35 @@ def post_training_data(tmp_path_factory, tokenizer_path, audio_dir):
     return out
 
 
-def test_sft_then_dpo_across_nodes(slurm_nodes, dp2_reference, post_training_data, tmp_path):
-    """posttrain.sbatch at DP=2 across the nodes: SFT from the pretrained checkpoint, DPO from the
-    SFT checkpoint. Both ranks, one per node, read their share (the samples of each iteration
-    summed over them are the global batch); DPO starts at ln 2 (the policy is its reference)."""
+def test_sft_and_dpo_across_nodes(slurm_nodes, dp2_reference, post_training_data, tmp_path):
+    """posttrain.sbatch at DP=2 across the nodes, SFT and DPO side by side (--exclusive=user),
+    both from the pretrained checkpoint. Both ranks, one per node, read their share (the samples
+    of each iteration summed over them are the global batch); DPO starts at ln 2 (the policy is
+    its reference) and its reference pass, split over the two nodes, scores every pair."""
     nodes = slurm_nodes
     dp2_reference.rows()  # its final checkpoint is the base
-    env = dict(CONFIG="examples/post_training/configs/debug_cpu.sh", SEQ_LENGTH="96", SFT_ITERS="4", DPO_ITERS="4")
-    runs = {}
-    base = dp2_reference.save
+    env = dict(CONFIG="examples/post_training/configs/debug_cpu.sh", SEQ_LENGTH="96", SFT_ITERS="4", DPO_ITERS="4",
+               BASE_CKPT=dp2_reference.save)
+    jobs = {}
     for stage in ("sft", "dpo"):
         out, run = str(tmp_path / f"{stage}.out"), str(tmp_path / stage)
-        job = submit(nodes, POSTTRAIN, out, layout=TWO_NODES, STAGE=stage, BASE_CKPT=base, OUT=run,
-                     BLEND_FILE=post_training_data[stage], **env)
+        jobs[stage] = (submit(nodes, POSTTRAIN, out, layout=TWO_NODES, options=["--exclusive=user"], STAGE=stage,
+                              OUT=run, BLEND_FILE=post_training_data[stage], **env), out, run)
+    runs = {}
+    for stage, (job, out, run) in jobs.items():
         record = assert_completed(nodes, job, out)
         assert record["NodeList"] == "node[1-2]"
-        assert [nodes.steps_launched(n, job) for n in ("node1", "node2")] == [1, 1]
+        assert [nodes.steps_launched(n, job) for n in MAIN] == [1, 1]
         runs[stage] = {row["iteration"]: row for row in metrics(run)}
         assert sorted(runs[stage]) == [1, 2, 3, 4], f"{stage}: {sorted(runs[stage])}\n{job_output(out)}"
-        assert f"ualm-posttrain: {stage} from {base}" in job_output(out, limit=10**8)
-        base = run
+        assert f"ualm-posttrain: {stage} from {dp2_reference.save}" in job_output(out, limit=10**8)
     for row in runs["sft"].values():
         assert row["samples_chat"] == 4 and math.isfinite(row["lm loss"])
     assert runs["dpo"][1]["dpo loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert runs["dpo"][1]["reward margin"] == pytest.approx(0, abs=1e-6)
     assert all(row["samples_preference"] == 4 for row in runs["dpo"].values())
-    logps = [np.load(os.path.join(base, "reference_logps", n)) for n in sorted(os.listdir(
-        os.path.join(base, "reference_logps"))) if n.endswith(".npy")]
+    logps_dir = os.path.join(jobs["dpo"][2], "reference_logps")
+    logps = [np.load(os.path.join(logps_dir, n)) for n in sorted(os.listdir(logps_dir)) if n.endswith(".npy")]
     assert logps and all(np.isfinite(a).all() for a in logps), "the reference pass left pairs unscored"
 
 
@@ -292,8 +324,31 @@ def test_preprocessing_array_with_a_task_on_each_node_equals_one_task(slurm_node
 
     tasks = nodes.wait(jobs["text"], timeout=300)
     assert sorted((r["ArrayTaskId"], r["JobState"]) for r in tasks) == [("0", "COMPLETED"), ("1", "COMPLETED")]
-    assert {r["BatchHost"] for r in tasks} == {"node1", "node2"}, "the two tasks ran on one node"
+    assert {r["BatchHost"] for r in tasks} == set(MAIN), "the two tasks ran on one node"
     (blend,) = nodes.wait(jobs["blend"], timeout=300)
     assert blend["JobState"] == "COMPLETED"
     assert_same_shards(os.path.join(out, "text"), str(one / "text"))
     assert blend_json(os.path.join(out, "blend.json"), out) == blend_json(str(one / "blend.json"), str(one))
+
+
+def test_dp2_across_nodes_equals_one_node_and_survives_the_loss_of_a_node(slurm_nodes, background, dp2_reference,
+                                                                            record_property):
+    """Checks the node-loss scenario that ran in the background (``NodeLoss``)."""
+    nodes = slurm_nodes
+    scenario = background["node_loss"].outcome()
+    job, out = scenario.job, scenario.out
+    record_property("slurm_timing:node loss -> requeue (s)", round(scenario.times["requeue"], 1))
+    record_property("slurm_timing:node loss -> requeued job finished (s)", round(scenario.times["finished"], 1))
+    assert scenario.times["requeue"] < TARGET_REQUEUE_S, \
+        f"requeued {scenario.times['requeue']:.0f} s after the node was lost"
+    assert scenario.record["Restarts"] == "1" and scenario.record["NodeList"] == "node[3-4]"
+    assert [nodes.steps_launched(n, job) for n in NodeLoss.NODES] == [2, 2], \
+        "each incarnation ran one task on each node"
+
+    log = job_output(out, limit=10**8)
+    assert "(restart 0), 2 task(s) x 1 rank(s), rendezvous node3:" in log and "(restart 1)" in log
+    assert "Connection reset by peer" in log  # node3's rank lost its peer ...
+    assert "[rank0] exiting after RuntimeError" in log  # ... and exited
+    assert loaded_iterations(out) and SAVE_EVERY <= loaded_iterations(out)[-1] < ITERS
+    assert_rows_equal(metrics(scenario.save), dp2_reference.rows())
+    assert latest(scenario.save) == ITERS
