@@ -130,11 +130,11 @@ def pp2_reference(background):
     return background["pp2"]
 
 
-def _restart(nodes, job: str, out: str, victim: int, what: str, record_property) -> dict:
-    """SIGSTOPs ``victim`` (a rank, or a data-loader worker of one) and waits until fault
-    tolerance has killed that rank and started new ranks on both nodes; returns the times.
-    (A stopped worker outlives its killed rank: only SIGKILL ends a stopped process. Slurm's
-    step cleanup does, at the end of the job.)"""
+def _restart(nodes, job: str, out: str, save: str, victim: int, what: str, record_property) -> None:
+    """SIGSTOPs ``victim`` (a rank, or a data-loader worker of one), waits until fault tolerance
+    has killed that rank and started new ranks on both nodes, then until they train again;
+    records the times. A stopped worker outlives its killed rank (only SIGKILL or SIGCONT end a
+    stopped process): ``hang_up_orphan`` does what Linux would."""
     before = {n: set(nodes.ranks(n, job)) for n in MAIN}
     rank = victim if any(victim in b for b in before.values()) else parent_of(victim)
     stopped = stop(victim)
@@ -145,10 +145,12 @@ def _restart(nodes, job: str, out: str, victim: int, what: str, record_property)
     wait_for(lambda: all(set(nodes.ranks(n, job)) - before[n] for n in MAIN),
              f"{what}: new ranks on both nodes", nodes, job, out, timeout=120)
     restarted = time.monotonic() - stopped
-    record_property(f"slurm_timing:{what}: detected (s)", round(detected, 1))
-    record_property(f"slurm_timing:{what}: ranks restarted (s)", round(restarted, 1))
+    rows = len(metrics(save))  # the new ranks log nothing before their checkpoint load
+    wait_for(lambda: len(metrics(save)) > rows, f"{what}: an iteration of the restarted ranks", nodes, job, out)
+    training = time.monotonic() - stopped
+    for name, value in (("detected", detected), ("ranks restarted", restarted), ("training again", training)):
+        record_property(f"slurm_timing:{what}: {name} (s)", round(value, 1))
     assert restarted < TARGET_RESTART_S, f"{what}: ranks restarted {restarted:.0f} s after the hang"
-    return dict(detected=detected, restarted=restarted)
 
 
 def test_pp2_across_nodes_with_fault_tolerance_restarts_hung_ranks(slurm_nodes, pp2_reference, tmp_path,
@@ -159,22 +161,22 @@ def test_pp2_across_nodes_with_fault_tolerance_restarts_hung_ranks(slurm_nodes, 
 
     wait_for(lambda: latest(save) >= SAVE_EVERY, "first checkpoint", nodes, job, out)
     (rank,) = nodes.ranks("node2", job)
-    _restart(nodes, job, out, rank, "FT, stopped rank", record_property)
-    first = len(loaded_iterations(out))
-    wait_for(lambda: len(loaded_iterations(out)) > first, "the restarted ranks' checkpoint load", nodes, job, out)
-    resumed_at = loaded_iterations(out)[-1]
+    _restart(nodes, job, out, save, rank, "FT, stopped rank", record_property)
+    (resumed_at,) = wait_for(lambda: loaded_iterations(out), "the restarted ranks' checkpoint load", nodes, job, out)
     assert resumed_at >= SAVE_EVERY
 
     wait_for(lambda: latest(save) > resumed_at, "a checkpoint of the restarted run", nodes, job, out)
     worker = wait_for(lambda: nodes.loader_workers("node1", job), "data-loader workers on node1", nodes, job, out)[0]
-    _restart(nodes, job, out, worker, "FT, stopped data-loader worker", record_property)
+    _restart(nodes, job, out, save, worker, "FT, stopped data-loader worker", record_property)
 
     assert_completed(nodes, job, out)
     log = job_output(out, limit=10**8)
     assert "fault tolerance on" in log and "FT: initialized" in log
     assert len(re.findall(r"Section '(step|setup|checkpointing)' has been open|out-of-section", log)) >= 2, \
         "the rank monitors did not report the hangs"
-    assert len(loaded_iterations(out)) == 2 and loaded_iterations(out)[1] > loaded_iterations(out)[0]
+    loaded = loaded_iterations(out)
+    record_property("slurm_timing:FT restarts resumed from iterations", loaded)
+    assert len(loaded) == 2 and loaded[1] > loaded[0]
     assert_rows_equal(metrics(save), pp2_reference.rows())
 
 
@@ -349,6 +351,8 @@ def test_dp2_across_nodes_equals_one_node_and_survives_the_loss_of_a_node(slurm_
     assert "(restart 0), 2 task(s) x 1 rank(s), rendezvous node3:" in log and "(restart 1)" in log
     assert "Connection reset by peer" in log  # node3's rank lost its peer ...
     assert "[rank0] exiting after RuntimeError" in log  # ... and exited
-    assert loaded_iterations(out) and SAVE_EVERY <= loaded_iterations(out)[-1] < ITERS
+    loaded = loaded_iterations(out)
+    record_property("slurm_timing:requeued job resumed from iteration", loaded)
+    assert len(loaded) == 1 and SAVE_EVERY <= loaded[0] < ITERS
     assert_rows_equal(metrics(scenario.save), dp2_reference.rows())
     assert latest(scenario.save) == ITERS
