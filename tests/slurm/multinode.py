@@ -186,7 +186,8 @@ class MultiNodeCluster(SlurmCluster):
         super().__init__(root, keep)
         for tool in ("ip", "nsenter", "unshare"):
             if shutil.which(tool, path=os.environ.get("PATH", "") + os.pathsep + SBIN_PATH) is None:
-                raise SlurmError(f"{tool} is not installed (iproute2 / util-linux): the multi-node cluster needs it")
+                raise SlurmError(f"{tool} is not installed (iproute2 / util-linux), which the multi-node cluster needs: run "
+                                 "'bash scripts/setup_slurm.sh', or set UALM_SKIP_SLURM=1 to skip the Slurm tests")
         self.tag = f"{NAME_PREFIX}{os.getpid()}{'abcdefghij'[next(_COUNTER) % 10]}"
         self.nodes = [f"node{k}" for k in range(1, nodes + 1)]
         self.partitions = partitions or {"debug": self.nodes}
@@ -213,7 +214,7 @@ class MultiNodeCluster(SlurmCluster):
             _remove_leftovers()
             self._network()
             os.chmod(self.root, 0o755)
-            for d in ("munge", "state", "spool", "log", "run"):
+            for d in ("munge", "state", "spool", "log", "run", "tmp"):
                 os.makedirs(os.path.join(self.root, d), exist_ok=True)
             os.chmod(os.path.join(self.root, "munge"), 0o755)
             key = os.path.join(self.root, "munge", "munge.key")
@@ -239,6 +240,11 @@ class MultiNodeCluster(SlurmCluster):
             raise
         self.node = self.nodes[0]
         return self
+
+    def job_env(self, **extra: str) -> dict[str, str]:
+        """``SlurmCluster.job_env`` with this cluster's own TMPDIR (``<root>/tmp``), where the
+        tasks make their temporary directories (examples/slurm/launch.sh)."""
+        return super().job_env(**{"TMPDIR": os.path.join(self.root, "tmp"), **extra})
 
     def _wait(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

@@ -40,7 +40,7 @@ import pytest
 from jobs import (ITERS, POSTTRAIN, REPO, SAVE_EVERY, TWO_NODES, Reference, assert_completed, latest,
                   losses, metrics, submit, submit_pretrain, wait_for)
 from localslurm import job_output
-from multinode import hang_up_orphan, is_alive, parent_of, process_state
+from multinode import environment_of, hang_up_orphan, is_alive, parent_of, process_state
 
 # Fault-tolerance timeouts for the tests: short, yet far above a CPU step of the debug flavor
 # (well under a second, a few seconds on a busy machine). Setup covers start-up and the load.
@@ -161,6 +161,9 @@ def test_pp2_across_nodes_with_fault_tolerance_restarts_hung_ranks(slurm_nodes, 
 
     wait_for(lambda: latest(save) >= SAVE_EVERY, "first checkpoint", nodes, job, out)
     (rank,) = nodes.ranks("node2", job)
+    tmpdir = environment_of(rank)["TMPDIR"]  # the task's own, under the cluster's TMPDIR
+    assert re.fullmatch(rf"{re.escape(nodes.root)}/tmp/ualm-{job}-1-\w{{6}}", tmpdir), tmpdir
+    assert any(n.startswith("torchelastic_") for n in os.listdir(tmpdir))
     _restart(nodes, job, out, save, rank, "FT, stopped rank", record_property)
     (resumed_at,) = wait_for(lambda: loaded_iterations(out), "the restarted ranks' checkpoint load", nodes, job, out)
     assert resumed_at >= SAVE_EVERY
@@ -170,6 +173,8 @@ def test_pp2_across_nodes_with_fault_tolerance_restarts_hung_ranks(slurm_nodes, 
     _restart(nodes, job, out, save, worker, "FT, stopped data-loader worker", record_property)
 
     assert_completed(nodes, job, out)
+    assert not [n for n in os.listdir(os.path.join(nodes.root, "tmp")) if n.startswith(f"ualm-{job}-")], \
+        "the tasks' temporary directories were left behind"
     log = job_output(out, limit=10**8)
     assert "fault tolerance on" in log and "FT: initialized" in log
     assert len(re.findall(r"Section '(step|setup|checkpointing)' has been open|out-of-section", log)) >= 2, \
@@ -349,6 +354,9 @@ def test_dp2_across_nodes_equals_one_node_and_survives_the_loss_of_a_node(slurm_
 
     log = job_output(out, limit=10**8)
     assert "(restart 0), 2 task(s) x 1 rank(s), rendezvous node3:" in log and "(restart 1)" in log
+    # launch.sh's timeouts reached Megatron (its arguments table)
+    assert re.search(r"distributed_timeout_minutes \.+ 15\n", log), "--distributed-timeout-minutes 15"
+    assert re.search(r"distributed_timeout_seconds_after_init \.+ 300\n", log)
     assert "Connection reset by peer" in log  # node3's rank lost its peer ...
     assert "[rank0] exiting after RuntimeError" in log  # ... and exited
     loaded = loaded_iterations(out)
