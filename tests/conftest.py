@@ -73,8 +73,9 @@ def pytest_terminal_summary(terminalreporter):
         start = _SLURM_TIMES["start"]
         start = f", cluster start {start:.1f} s" if start is not None else ""
         one_node = _SLURM_TIMES["tests"] - _SLURM_TIMES["multinode"]
-        terminalreporter.write_line(f"Slurm tests ({SLURM_TESTS}): {one_node:.0f} s one-node{start} (CI budget: 300 s), "
-                                    f"{_SLURM_TIMES['multinode']:.0f} s multi-node (CI budget: 300 s)")
+        terminalreporter.write_line(f"Slurm tests ({SLURM_TESTS}): {one_node:.0f} s one-node{start} "
+                                    f"(CI budget: 300 s), {_SLURM_TIMES['multinode']:.0f} s multi-node "
+                                    "(CI budget: 300 s)")
     if _SLURM_TIMES["timings"]:
         terminalreporter.write_line("Multi-node, measured: " + "; ".join(
             f"{k} {v}" for k, v in sorted(_SLURM_TIMES["timings"].items())))

@@ -27,9 +27,10 @@ orphans): zombies count as dead.
 
 The Slurm settings that node loss relies on (``write_config``): ``SlurmdTimeout`` (a node that
 stops answering is DOWN after it, and its jobs are requeued), ``ReturnToService=2`` (a node
-that registers again is usable at once), and ``cred_expire=90`` in ``AuthInfo``: with 30 s, a
-late termination request that slurmctld retried to the dead node hit the requeued job (same
-job and step id) and failed it.
+that registers again is usable at once), and ``cred_expire=90`` in ``AuthInfo``. A requeued job
+becomes eligible ``cred_expire`` + 1 s after the requeue, while slurmctld retries the old
+incarnation's signals to the lost node every 60 s until it answers; with ``cred_expire=30`` such
+a late signal hit the requeued job (same job and step ids) and failed it (``wait_delivered``).
 
 Also a command line, to try the sbatch files across nodes by hand::
 
@@ -186,8 +187,9 @@ class MultiNodeCluster(SlurmCluster):
         super().__init__(root, keep)
         for tool in ("ip", "nsenter", "unshare"):
             if shutil.which(tool, path=os.environ.get("PATH", "") + os.pathsep + SBIN_PATH) is None:
-                raise SlurmError(f"{tool} is not installed (iproute2 / util-linux), which the multi-node cluster needs: run "
-                                 "'bash scripts/setup_slurm.sh', or set UALM_SKIP_SLURM=1 to skip the Slurm tests")
+                raise SlurmError(f"{tool} is not installed (iproute2 / util-linux), which the multi-node cluster "
+                                 "needs: run 'bash scripts/setup_slurm.sh', or set UALM_SKIP_SLURM=1 to skip the "
+                                 "Slurm tests")
         self.tag = f"{NAME_PREFIX}{os.getpid()}{'abcdefghij'[next(_COUNTER) % 10]}"
         self.nodes = [f"node{k}" for k in range(1, nodes + 1)]
         self.partitions = partitions or {"debug": self.nodes}

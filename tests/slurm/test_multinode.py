@@ -79,7 +79,7 @@ class NodeLoss(threading.Thread):
     def __init__(self, nodes, directory):
         super().__init__(name="node-loss", daemon=True)
         self.nodes, self.save, self.out = nodes, str(directory / "ckpt"), str(directory / "job.out")
-        self.times, self.job, self.error = {}, None, None
+        self.times, self.job, self.record, self.error = {}, None, None, None
 
     def run(self) -> None:
         try:
@@ -229,7 +229,8 @@ def test_without_fault_tolerance_a_collective_timeout_ends_the_job(slurm_nodes, 
         log = job_output(out, limit=10**8)
         assert re.search(r"Timed out waiting 10000ms for (recv|send)", log) and "exiting after RuntimeError" in log, \
             log[-5000:]
-        assert torn_down[what] < TARGET_RESTART_S, f"{what}: the job was torn down {torn_down[what]:.0f} s after the hang"
+        assert torn_down[what] < TARGET_RESTART_S, \
+            f"{what}: the job was torn down {torn_down[what]:.0f} s after the hang"
         for node in nodes.nodes:
             left = [(p, process_state(p)) for p in nodes.job_processes(node, job)]
             assert not left, f"{what}: processes of job {job} still on {node}: {left}"
@@ -357,7 +358,7 @@ def test_dp2_across_nodes_equals_one_node_and_survives_the_loss_of_a_node(slurm_
     # launch.sh's timeouts reached Megatron (its arguments table)
     assert re.search(r"distributed_timeout_minutes \.+ 15\n", log), "--distributed-timeout-minutes 15"
     assert re.search(r"distributed_timeout_seconds_after_init \.+ 300\n", log)
-    assert "Connection reset by peer" in log  # node3's rank lost its peer ...
+    assert re.search(r"Connection (reset|closed) by peer", log)  # node3's rank lost its peer ...
     assert "[rank0] exiting after RuntimeError" in log  # ... and exited
     loaded = loaded_iterations(out)
     record_property("slurm_timing:requeued job resumed from iteration", loaded)
