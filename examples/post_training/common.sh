@@ -5,9 +5,10 @@
 # Three launchers, so the same recipe runs on one machine and on a Slurm allocation:
 #   launch MODULE ARGS...  python -m MODULE on every rank. Outside Slurm: torchrun with
 #                          NPROC_PER_NODE ranks here. Inside an allocation (sbatch, salloc):
-#                          examples/slurm/launch.sh's ualm_launch, as pretrain.sbatch launches
-#                          pretraining (one srun task per node, rendezvous on the first node, the
-#                          timeouts, FAULT_TOLERANCE=1), a fresh rendezvous port per step.
+#                          examples/slurm/launch.sh's ualm_train (training entry points: the
+#                          timeouts, FAULT_TOLERANCE=1) or ualm_launch (the other tools), as
+#                          pretrain.sbatch launches pretraining (one srun task per node,
+#                          rendezvous on the first node), a fresh rendezvous port per step.
 #   tasks TOOL ARGS...     a data tool split over the allocation's nodes (one srun task per node;
 #                          each takes its share of the shards from SLURM_NTASKS / SLURM_PROCID),
 #                          or one process here.
@@ -31,7 +32,10 @@ launch() {
   if [ -n "${SLURM_JOB_ID:-}" ]; then
     _PORT=$((_PORT + 1))  # a fresh rendezvous per step
     local MASTER_PORT=$_PORT SRUN_ARGS=(--nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES")
-    ualm_launch "$module" "$@"
+    case $module in
+      megatron_ualm.pretrain|megatron_ualm.finetune|megatron_ualm.dpo) ualm_train "$module" "$@" ;;
+      *) ualm_launch "$module" "$@" ;;  # the pair and reflection builders take no Megatron flags
+    esac
   else
     "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC_PER_NODE" -m "$module" "$@"
   fi

@@ -3,15 +3,19 @@
 # examples/slurm/pretrain.sbatch, examples/slurm/posttrain.sbatch and
 # examples/post_training/common.sh; they call
 #
-#   ualm_launch MODULE ARGS...     # python -m MODULE ARGS... on every rank of the allocation
+#   ualm_train MODULE ARGS...    # a Megatron training entry point (megatron_ualm.pretrain,
+#                                # .finetune, .dpo) on every rank: the collective timeouts
+#                                # below, and fault tolerance with FAULT_TOLERANCE=1
+#   ualm_launch MODULE ARGS...   # any other torch.distributed program (the pair and reflection
+#                                # builders): python -m MODULE ARGS... on every rank, torchrun
 #
 # One srun task per node (the allocation's tasks; SRUN_ARGS adds srun flags), each a launcher
 # "node" for NPROC_PER_NODE ranks. The ranks rendezvous (c10d) on the first node of the
 # allocation, by its host name: MASTER_ADDR=$(scontrol show hostnames ... | head -n 1), so every
 # node must resolve the others' host names to addresses they can reach (the usual Slurm setup).
 #
-# Timeouts, on purpose (each an environment variable; the flags go before ARGS, so a config or
-# the command line can still override them):
+# Timeouts, on purpose (environment variables; ualm_train puts the Megatron flags before ARGS,
+# so a config or the command line can still override them):
 #   DIST_TIMEOUT_MINUTES=15   collectives until the first iteration is done: the checkpoint load
 #                             is one. A 7B checkpoint with the distributed optimizer is ~100 GB
 #                             (bf16 weights, fp32 main weights, two Adam moments); one 8-GPU
@@ -30,8 +34,8 @@
 # A rank that fails (a timed-out collective included) exits, and the launcher then stops the
 # node's other ranks; srun --kill-on-bad-exit=1 ends the other nodes' tasks.
 #
-# Hangs, fault tolerance: FAULT_TOLERANCE=1 starts nvidia-resiliency-ext's ft_launcher instead
-# of torchrun and passes Megatron's --enable-ft-package: each rank reports the sections it is in
+# Hangs, fault tolerance: with FAULT_TOLERANCE=1, ualm_train starts nvidia-resiliency-ext's
+# ft_launcher instead of torchrun and passes Megatron's --enable-ft-package: each rank reports the sections it is in
 # (setup / step / checkpointing) to its node's rank monitor, which kills a rank that overstays
 # one (a stopped process, a stuck collective, a stuck data-loader worker); the launchers then
 # restart every rank (up to MAX_RESTARTS times), and the ranks resume from the last checkpoint.
@@ -57,32 +61,43 @@
 # ends (the launchers leave torchelastic_* folders behind). A fresh name per task, not one per
 # job id: job ids repeat across clusters (and test clusters) that share a /tmp.
 
-ualm_launch() {
+ualm_train() {
   local module=$1; shift
-  : "${SLURM_JOB_ID:?ualm_launch runs inside a Slurm allocation (sbatch or salloc)}"
+  local flags=(--distributed-timeout-minutes "${DIST_TIMEOUT_MINUTES:-15}"
+               --distributed-timeout-seconds-after-init "${DIST_TIMEOUT_AFTER_INIT:-300}")
+  if [ "${FAULT_TOLERANCE:-0}" = 1 ]; then
+    flags+=(--enable-ft-package)
+    [ "${FT_CALC_TIMEOUTS:-0}" = 1 ] && flags+=(--calc-ft-timeouts)
+    _ualm_srun ft "$module" "${flags[@]}" "$@"
+  else
+    _ualm_srun torchrun "$module" "${flags[@]}" "$@"
+  fi
+}
+
+ualm_launch() {
+  _ualm_srun torchrun "$@"
+}
+
+_ualm_srun() {  # torchrun|ft, module, the module's arguments...
+  local kind=$1 module=$2; shift 2
+  : "${SLURM_JOB_ID:?ualm_train / ualm_launch run inside a Slurm allocation (sbatch or salloc)}"
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
   export NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}} PYTHON=${PYTHON:-python}
-  export TORCHRUN=${TORCHRUN:-$PYTHON -m torch.distributed.run}
-  export FT_LAUNCHER=${FT_LAUNCHER:-$PYTHON -m nvidia_resiliency_ext.fault_tolerance.launcher}
   export UALM_TMP_ROOT=${TMPDIR:-/tmp}
-  local timeouts=(--distributed-timeout-minutes "${DIST_TIMEOUT_MINUTES:-15}"
-                  --distributed-timeout-seconds-after-init "${DIST_TIMEOUT_AFTER_INIT:-300}")
   local launcher_args=(--rdzv-conf "join_timeout=${RDZV_TIMEOUT:-600}")
-  if [ "${FAULT_TOLERANCE:-0}" = 1 ]; then
-    export UALM_LAUNCHER=$FT_LAUNCHER
+  if [ "$kind" = ft ]; then
+    export UALM_LAUNCHER=${FT_LAUNCHER:-$PYTHON -m nvidia_resiliency_ext.fault_tolerance.launcher}
     launcher_args+=(--max-restarts "${MAX_RESTARTS:-3}"
                     "--ft-rank-section-timeouts=${FT_SECTION_TIMEOUTS:-setup:1200,step:180,checkpointing:600}"
                     "--ft-rank-out-of-section-timeout=${FT_OUT_OF_SECTION_TIMEOUT:-300}")
-    timeouts+=(--enable-ft-package)
-    [ "${FT_CALC_TIMEOUTS:-0}" = 1 ] && timeouts+=(--calc-ft-timeouts)
   else
-    export UALM_LAUNCHER=$TORCHRUN
+    export UALM_LAUNCHER=${TORCHRUN:-$PYTHON -m torch.distributed.run}
     launcher_args+=(--max-restarts "${MAX_RESTARTS:-0}")
   fi
-  echo "ualm_launch: $module on job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}), ${SLURM_NTASKS:-1} task(s) x" \
+  echo "${FUNCNAME[1]}: $module on job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}), ${SLURM_NTASKS:-1} task(s) x" \
        "$NPROC_PER_NODE rank(s), rendezvous $MASTER_ADDR:$MASTER_PORT," \
-       "fault tolerance $([ "${FAULT_TOLERANCE:-0}" = 1 ] && echo on || echo off)"
+       "fault tolerance $([ "$kind" = ft ] && echo on || echo off)"
   # shellcheck disable=SC2016  # each task's own shell expands the variables
   srun --kill-on-bad-exit=1 "${SRUN_ARGS[@]}" \
     ${CONTAINER_IMAGE:+--container-image=$CONTAINER_IMAGE --container-mounts=${CONTAINER_MOUNTS:-/data:/data,/ckpt:/ckpt}} \
@@ -90,5 +105,5 @@ ualm_launch() {
              trap '\''rm -rf "$TMPDIR"'\'' EXIT
              $UALM_LAUNCHER --nnodes "$SLURM_NTASKS" --node-rank "$SLURM_PROCID" --nproc-per-node "$NPROC_PER_NODE" \
                --rdzv-id "$SLURM_JOB_ID-$MASTER_PORT" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" "$@"' _ \
-    "${launcher_args[@]}" -m "$module" "${timeouts[@]}" "$@"
+    "${launcher_args[@]}" -m "$module" "$@"
 }
