@@ -25,4 +25,24 @@ fi
 .venv/bin/python -m pip install -q -e ".[dev,eval]" "torch==${TORCH_VERSION}" "torchaudio==${TORCH_VERSION}"
 # torchopenl3 (OpenL3, the FD backbone) pins resampy<0.3, which no longer builds; it runs on [eval]'s resampy.
 .venv/bin/python -m pip install -q --no-deps "torchopenl3==1.0.1"
+# nvidia-resiliency-ext (the [ft] extra: ft_launcher and Megatron's --enable-ft-package, which
+# examples/slurm/launch.sh uses with FAULT_TOLERANCE=1), pinned as megatron-core 0.19 pins it.
+# From 0.5 its wheels are tagged manylinux_2_39, so on an older glibc (Debian 12: 2.36) pip would
+# pick 0.4.1 instead. Its one compiled module (CUPTI profiling, which fault tolerance does not
+# load) needs only GLIBC_2.32: download the manylinux_2_39 wheel, retag it for this machine, and
+# install it with its dependencies (httpx, nvidia-ml-py, grpcio, ...). It imports without CUDA.
+NVRX_VERSION=0.6.0
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('nvidia-resiliency-ext') != '$NVRX_VERSION')" 2>/dev/null; then
+  wheels=$(mktemp -d)
+  .venv/bin/python -m pip install -q wheel
+  .venv/bin/python -m pip download -q --no-deps "nvidia-resiliency-ext==$NVRX_VERSION" -d "$wheels" \
+    --platform manylinux_2_39_x86_64 --python-version 3.12 --only-binary=:all:
+  if ! .venv/bin/python -c "import platform, sys; sys.exit(tuple(map(int, platform.libc_ver()[1].split('.'))) < (2, 39))"; then
+    .venv/bin/python -m wheel tags --remove --platform-tag linux_x86_64 "$wheels"/nvidia_resiliency_ext-*.whl >/dev/null
+  fi
+  .venv/bin/python -m pip install -q "$wheels"/nvidia_resiliency_ext-*.whl "torch==${TORCH_VERSION}"
+  rm -rf "$wheels"
+fi
+.venv/bin/python -c "import nvidia_resiliency_ext.fault_tolerance" || {
+  echo "setup: nvidia-resiliency-ext $NVRX_VERSION does not import (needed by FAULT_TOLERANCE=1 and tests/slurm)" >&2; exit 1; }
 .venv/bin/python -c "import megatron_ualm, megatron.core, torch; print('megatron-core', megatron.core.__version__, '| torch', torch.__version__, '| setup ok')"

@@ -1,7 +1,9 @@
 #!/bin/bash
 # Installs Debian's Slurm (slurm-wlm: slurmctld, slurmd, the clients) and munge for the
-# one-node cluster that tests/slurm starts on localhost. Idempotent: does nothing when they are
-# already installed. Needs root (or password-less sudo) on a Debian/Ubuntu machine; CI is one.
+# clusters that tests/slurm starts: one node on localhost, and several nodes on this machine
+# (network namespaces on a bridge, which also need iproute2's ip and util-linux's nsenter and
+# unshare). Idempotent: does nothing when they are already installed. Needs root (or
+# password-less sudo) on a Debian/Ubuntu machine; CI is one.
 #
 # The daemons are not started here (and the packages' systemd units are never used): the tests
 # write their own slurm.conf and munge key under a temporary directory and start munged,
@@ -19,7 +21,7 @@ fi
 
 have_slurm() {
   local b
-  for b in slurmctld slurmd sbatch srun scontrol munged mungekey; do
+  for b in slurmctld slurmd sbatch srun scontrol sdiag munged mungekey ip nsenter unshare; do
     PATH="$PATH:/usr/sbin:/sbin" command -v "$b" >/dev/null 2>&1 || return 1
   done
 }
@@ -46,13 +48,14 @@ if ! command -v apt-get >/dev/null 2>&1; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-install=("${as_root[@]}" apt-get install -y -q --no-install-recommends -o Dpkg::Use-Pty=0 slurm-wlm munge)
+install=("${as_root[@]}" apt-get install -y -q --no-install-recommends -o Dpkg::Use-Pty=0 slurm-wlm munge
+         iproute2 util-linux)
 # A fresh machine may have empty package lists; refresh them only when the install needs it.
 if ! "${install[@]}" >/tmp/setup_slurm.apt.log 2>&1; then
   "${as_root[@]}" apt-get update -q >>/tmp/setup_slurm.apt.log 2>&1
   "${install[@]}" >>/tmp/setup_slurm.apt.log 2>&1 || {
     tail -n 30 /tmp/setup_slurm.apt.log >&2
-    echo "setup_slurm: apt-get install slurm-wlm munge failed (log: /tmp/setup_slurm.apt.log)" >&2
+    echo "setup_slurm: apt-get install slurm-wlm munge iproute2 util-linux failed (log: /tmp/setup_slurm.apt.log)" >&2
     exit 1
   }
 fi

@@ -4,9 +4,11 @@
 #
 # Three launchers, so the same recipe runs on one machine and on a Slurm allocation:
 #   launch MODULE ARGS...  python -m MODULE on every rank. Outside Slurm: torchrun with
-#                          NPROC_PER_NODE ranks here. Inside an allocation (sbatch, salloc): one
-#                          srun task per node, each a torchrun "node" rendezvousing on the first
-#                          node, as examples/slurm/pretrain.sbatch launches pretraining.
+#                          NPROC_PER_NODE ranks here. Inside an allocation (sbatch, salloc):
+#                          examples/slurm/launch.sh's ualm_train (training entry points: the
+#                          timeouts, FAULT_TOLERANCE=1) or ualm_launch (the other tools), as
+#                          pretrain.sbatch launches pretraining (one srun task per node,
+#                          rendezvous on the first node), a fresh rendezvous port per step.
 #   tasks TOOL ARGS...     a data tool split over the allocation's nodes (one srun task per node;
 #                          each takes its share of the shards from SLURM_NTASKS / SLURM_PROCID),
 #                          or one process here.
@@ -22,17 +24,18 @@ _PORT=$((20000 + ${SLURM_JOB_ID:-$$} % 20000))
 
 step() { echo; echo "== $* ($(date +%T))"; }
 
+# shellcheck source=examples/slurm/launch.sh
+source examples/slurm/launch.sh
+
 launch() {
   local module=$1; shift
   if [ -n "${SLURM_JOB_ID:-}" ]; then
     _PORT=$((_PORT + 1))  # a fresh rendezvous per step
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    export MASTER_ADDR MASTER_PORT=$_PORT PYTHON
-    # shellcheck disable=SC2016  # each task's own shell expands the variables
-    srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" \
-      bash -c '"$PYTHON" -m torch.distributed.run --nnodes "$SLURM_NTASKS" --node-rank "$SLURM_PROCID" \
-                 --nproc-per-node "$NPROC_PER_NODE" --rdzv-id "$SLURM_JOB_ID-$MASTER_PORT" --rdzv-backend c10d \
-                 --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" -m "$@"' _ "$module" "$@"
+    local MASTER_PORT=$_PORT SRUN_ARGS=(--nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES")
+    case $module in
+      megatron_ualm.pretrain|megatron_ualm.finetune|megatron_ualm.dpo) ualm_train "$module" "$@" ;;
+      *) ualm_launch "$module" "$@" ;;  # the pair and reflection builders take no Megatron flags
+    esac
   else
     "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC_PER_NODE" -m "$module" "$@"
   fi

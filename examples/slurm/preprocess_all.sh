@@ -73,6 +73,7 @@ submit_family() {  # family, manifests, the tool's family-specific flags...
   local cmd=(sbatch --parsable ${SBATCH:-} ${!sbatch_var:-} "--output=$OUT/logs/%x-%A_%a.out"
              "$HERE/preprocess_$family.sbatch" --num-tasks "$n" --input "${files[@]}" --output "$OUT/$family"
              --tokenizer "$TOKENIZER" "$@" ${!args_var:-})
+  # shellcheck disable=SC2016  # the resubmit script expands its own arguments
   write_resubmit "$family" "Reruns tasks of the $family array alone: bash $OUT/logs/resubmit_$family.sh I[,J...]" \
     2 '--array="${1:?give the task index(es) to rerun, e.g. 3 or 3,7}"' "${cmd[@]}"
   local id
@@ -91,6 +92,7 @@ submit_family understanding "${UNDERSTANDING:-}" --flavor "${FLAVOR:-qwen2.5-7b}
 blend=(sbatch --parsable ${SBATCH:-} ${BLEND_SBATCH:-} "--output=$OUT/logs/%x-%j.out" --kill-on-invalid-dep=yes)
 # shellcheck disable=SC2206
 blend_args=("$HERE/build_blend.sbatch" "${family_outputs[@]}" --output "$OUT/blend.json" ${BLEND_ARGS:-})
+# shellcheck disable=SC2016  # the resubmit script expands its own arguments
 write_resubmit blend "Submits the blend job again, after the jobs given: bash $OUT/logs/resubmit_blend.sh [JOB_ID...]" \
   "${#blend[@]}" '${1:+--dependency=afterok:$(IFS=:; echo "$*")}' "${blend[@]}" "${blend_args[@]}"
 deps=$(IFS=:; echo "${job_ids[*]}")

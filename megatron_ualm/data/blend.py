@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.utils import Split
@@ -402,7 +403,6 @@ def build_data_loader(dataset, seq_length: int, vocab, micro_batch_size: int, co
     """
     from functools import partial
 
-    import torch
     from megatron.training.datasets.data_samplers import MegatronPretrainingSampler
 
     from megatron_ualm.data.batch import collate_packed
@@ -414,16 +414,31 @@ def build_data_loader(dataset, seq_length: int, vocab, micro_batch_size: int, co
     sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                          data_parallel_rank, data_parallel_size)
     collate_fn = collate_fn or partial(collate_packed, seq_length=seq_length, vocab=vocab, attention_mask=attention_mask)
-    loader = torch.utils.data.DataLoader(
+    return _WorkerLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
         collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed),
         pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_termination if num_workers else None)
-    if num_workers:
-        _LOADERS.add(loader)
-    return loader
 
 
-_LOADERS: "weakref.WeakSet" = weakref.WeakSet()
+class _WorkerLoader(torch.utils.data.DataLoader):
+    """A ``DataLoader`` whose worker iterators are stopped at exit (``_shut_down``).
+
+    The iterators are what must be tracked, not the loaders: a caller that keeps only
+    ``iter(loader)`` (Megatron keeps the iterators) lets the loader be collected while its
+    workers run on. ``_get_iterator`` is torch's hook that creates an iterator.
+    """
+
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        if self.num_workers > 0:
+            _WORKER_ITERATORS.add(iterator)
+            if not _SHUT_DOWN_REGISTERED:
+                _register_shut_down()
+        return iterator
+
+
+_WORKER_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+_SHUT_DOWN_REGISTERED = False
 
 
 def ignore_termination(worker_id: int) -> None:
@@ -438,16 +453,22 @@ def ignore_termination(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-@atexit.register
 def _shut_down() -> None:
-    """Stops the workers of every loader still alive at exit, through the loader's own shutdown.
+    """Stops the workers of every worker iterator still alive at exit, through its own shutdown.
 
-    Workers that ignore SIGTERM would otherwise hang the exit of a run that failed: Python's
-    multiprocessing ends daemon children with SIGTERM and then joins them. This handler runs
-    before that one (atexit is last-in, first-out). ``_iterator`` / ``_shutdown_workers`` are
-    torch's private names for the persistent worker iterator and its graceful shutdown.
+    Workers that ignore SIGTERM would otherwise hang the exit of every process whose iterators
+    outlive ``main`` (a run that failed keeps them in its traceback): Python's multiprocessing
+    ends daemon children with SIGTERM and then joins them, forever. This handler must run
+    before that one and before torch's, which turns ``_shutdown_workers`` into a no-op; atexit
+    runs last-in, first-out, so it is registered once workers exist (``_register_shut_down``),
+    after both. ``_shutdown_workers`` is torch's private name for the graceful shutdown.
     """
-    for loader in list(_LOADERS):
-        iterator = getattr(loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+    for iterator in list(_WORKER_ITERATORS):
+        if hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
+
+
+def _register_shut_down() -> None:
+    global _SHUT_DOWN_REGISTERED
+    _SHUT_DOWN_REGISTERED = True
+    atexit.register(_shut_down)

@@ -35,7 +35,7 @@ import torch
 from megatron_ualm.compat import cpu as cpu_compat
 from megatron_ualm.compat import megatron_fixes, quiet
 from megatron_ualm.errors import CheckpointError
-from megatron_ualm.training import checks, hooks, providers
+from megatron_ualm.training import checks, exit_guard, hooks, providers
 from megatron_ualm.training.arguments import BaseModel, add_ualm_args, base_model
 
 
@@ -224,6 +224,7 @@ def run(entry: TrainingEntry, argv: Optional[Sequence[str]] = None) -> None:
     megatron_fixes.apply()
     extensions = [cls() for cls in entry.extensions]
     try:
+        exit_guard.install()  # a rank that fails must exit, or its launcher never acts
         args = _parse(entry, extensions, base_model(argv), argv)
     except (ValueError, CheckpointError) as err:
         _fail(str(err))

@@ -28,12 +28,13 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Mapping, Optional, Sequence
+
+from megatron_ualm.launch import free_port
 
 SBIN_PATH = os.pathsep.join(["/usr/sbin", "/sbin", "/usr/local/sbin"])
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
@@ -55,13 +56,6 @@ def find_programs() -> dict[str, str]:
                          "'bash scripts/setup_slurm.sh' (Debian's slurm-wlm + munge; needs root), or set "
                          "UALM_SKIP_SLURM=1 to skip the Slurm tests on a machine where that is impossible")
     return found
-
-
-def free_port() -> int:
-    """A TCP port on localhost that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
