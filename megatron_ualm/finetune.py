@@ -60,12 +60,9 @@ def entry():
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parses the command line and runs SFT on Megatron's loop."""
-    from megatron_ualm.compat import quiet
+    from megatron_ualm.training.start import run_entry
 
-    quiet.install()  # before Megatron-Core is imported: its fallback warnings become one line
-    from megatron_ualm.training import loop
-
-    loop.run(entry(), argv)
+    run_entry(entry, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ fine-tuned with other wording gets its own.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_ualm.files import atomic_json, atomic_write
 from megatron_ualm.data.instructions import ReasoningPrompts
 from megatron_ualm.inference.audio import write_wav
 from megatron_ualm.inference.decoding import GenerationParams
@@ -72,8 +72,8 @@ class Transcript:
         return entry
 
     def save(self) -> None:
-        with open(os.path.join(self.directory, "transcript.json"), "w") as f:
-            json.dump(dict(title=self.title, steps=self.steps), f, indent=2, ensure_ascii=False)
+        atomic_json(os.path.join(self.directory, "transcript.json"), dict(title=self.title, steps=self.steps),
+                    indent=2, ensure_ascii=False)
         lines = [f"# {self.title}", ""]
         for e in self.steps:
             lines.append(f"## {e['index']}. {e['step']} ({e['role']})")
@@ -82,8 +82,7 @@ class Transcript:
             if "audio" in e:
                 lines += ["", f"audio: [{e['audio']}]({e['audio']}) ({e['seconds']} s)"]
             lines.append("")
-        with open(os.path.join(self.directory, "transcript.md"), "w") as f:
-            f.write("\n".join(lines))
+        atomic_write(os.path.join(self.directory, "transcript.md"), "\n".join(lines))
 
 
 @dataclass

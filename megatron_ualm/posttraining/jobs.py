@@ -378,3 +378,18 @@ def fail(message: str) -> "SystemExit":
     """Prints ``error: message`` and returns the exit (status 2, as the data tools' user errors)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     return SystemExit(2)
+
+
+def tool_main(parse_args: Callable[[Optional[Sequence[str]]], argparse.Namespace],
+              run: Callable[[argparse.Namespace], None], argv: Optional[Sequence[str]] = None) -> int:
+    """A generation job's command line: quiet warnings, parse, run; a ``ValueError`` is one ``error:`` line."""
+    from megatron_ualm.compat import quiet
+
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    quiet.install()  # before Megatron-Core is imported: its fallback warnings become one line
+    args = parse_args(argv)
+    try:
+        run(args)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    return 0

@@ -60,7 +60,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from megatron_ualm.compat import quiet
 from megatron_ualm.files import atomic_write, jsonl_text
 from megatron_ualm.posttraining import jobs
 from megatron_ualm.progress import progress_bar
@@ -620,14 +619,7 @@ def _decode(args, launch: jobs.Launch, records: Sequence[PromptRecord], done: se
 
 def make_preference_pairs_main(argv: Optional[Sequence[str]] = None) -> int:
     """``tools/make_preference_pairs.py`` / ``ualm-make-preference-pairs``."""
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    quiet.install()  # before Megatron-Core is imported: its fallback warnings become one line
-    args = parse_args(argv)
-    try:
-        run(args)
-    except ValueError as err:
-        raise jobs.fail(str(err)) from None
-    return 0
+    return jobs.tool_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from megatron_ualm.compat import quiet
 from megatron_ualm.files import atomic_write, jsonl_text, read_jsonl
 from megatron_ualm.posttraining import jobs
 from megatron_ualm.progress import progress_bar
@@ -508,14 +507,7 @@ def run(args) -> None:
 
 def build_reflection_data_main(argv: Optional[Sequence[str]] = None) -> int:
     """``tools/build_reflection_data.py`` / ``ualm-build-reflection-data``."""
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    quiet.install()  # before Megatron-Core is imported: its fallback warnings become one line
-    args = parse_args(argv)
-    try:
-        run(args)
-    except ValueError as err:
-        raise jobs.fail(str(err)) from None
-    return 0
+    return jobs.tool_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

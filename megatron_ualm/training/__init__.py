@@ -1,6 +1,7 @@
 """UALM on Megatron-LM's training loop: what ``pretrain``, ``finetune`` and ``dpo`` share.
 
-- ``loop``: ``TrainingEntry`` (what an entry point brings) and ``run(entry)``;
+- ``loop``: ``TrainingEntry`` (what an entry point brings) and ``run(entry)``; ``start``: how an
+  entry point starts it (the warning summary before Megatron is imported);
 - ``hooks``: the one layer that wraps Megatron functions, the ``RunContext`` of a run and the
   ``TrainingExtension`` interface extensions implement;
 - ``providers``: the model provider, datasets provider and forward step of LM training;

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from megatron_ualm.launch import free_port
 
@@ -56,6 +56,18 @@ def find_programs() -> dict[str, str]:
                          "'bash scripts/setup_slurm.sh' (Debian's slurm-wlm + munge; needs root), or set "
                          "UALM_SKIP_SLURM=1 to skip the Slurm tests on a machine where that is impossible")
     return found
+
+
+def stop_daemon(proc: Optional[subprocess.Popen], timeout: float = 15.0) -> None:
+    """Stops a daemon we started: SIGTERM, SIGKILL after ``timeout`` seconds (nothing if it is gone)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
 
 
 def _die_with_parent() -> None:
@@ -193,28 +205,26 @@ class SlurmCluster:
 
     def stop(self) -> None:
         """Cancels every job of this cluster, then stops slurmd, slurmctld and munged by pid."""
-        if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
-            try:
-                jobs = self.run("squeue", "-h", "-o", "%F", check=False).split()
-                if jobs:
-                    self.run("scancel", *sorted(set(jobs)), check=False)
-                    deadline = time.monotonic() + 30
-                    while self.run("squeue", "-h", "-o", "%i", check=False).strip() and time.monotonic() < deadline:
-                        time.sleep(0.2)
-            except (SlurmError, subprocess.TimeoutExpired):
-                pass
+        self.cancel_all(wait_s=30)
         for name in ("slurmd", "slurmctld", "munged"):
-            proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+            stop_daemon(self.procs.pop(name, None))
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def cancel_all(self, wait_s: float) -> None:
+        """Cancels every job while the controller runs; waits up to ``wait_s`` for the queue to empty."""
+        if not (self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None):
+            return
+        try:
+            jobs = self.run("squeue", "-h", "-o", "%F", check=False, timeout=15).split()
+            if jobs:
+                self.run("scancel", *sorted(set(jobs)), check=False, timeout=15)
+                deadline = time.monotonic() + wait_s
+                while (self.run("squeue", "-h", "-o", "%i", check=False, timeout=15).strip()
+                       and time.monotonic() < deadline):
+                    time.sleep(0.2)
+        except (SlurmError, subprocess.TimeoutExpired):
+            pass
 
     def __enter__(self) -> "SlurmCluster":
         return self.start()
@@ -306,15 +316,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.dir:
         os.makedirs(args.dir, exist_ok=True)
+    return serve(lambda: SlurmCluster(os.path.abspath(args.dir) if args.dir else None, keep=args.keep),
+                 lambda cluster: f"one-node Slurm up (node {cluster.node})", lambda cluster: cluster.procs.values())
+
+
+def serve(make: Callable[[], SlurmCluster], banner: Callable[[SlurmCluster], str],
+          daemons: Callable[[SlurmCluster], Iterable[subprocess.Popen]]) -> int:
+    """Starts ``make()``'s cluster and keeps it up until Ctrl-C / SIGTERM (0) or a daemon exits (1)."""
     try:
-        cluster = SlurmCluster(os.path.abspath(args.dir) if args.dir else None, keep=args.keep).start()
+        cluster = make().start()
     except SlurmError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-    print(f"one-node Slurm up (node {cluster.node}); in another shell:\n  export SLURM_CONF={cluster.conf}", flush=True)
+    print(f"{banner(cluster)}; in another shell:\n  export SLURM_CONF={cluster.conf}", flush=True)
     try:
-        while all(p.poll() is None for p in cluster.procs.values()):
+        while all(p.poll() is None for p in daemons(cluster)):
             time.sleep(1)
         print(f"a daemon exited:\n{cluster.log_tail()}", file=sys.stderr)
         return 1

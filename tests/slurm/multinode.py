@@ -56,7 +56,7 @@ from typing import Iterable, Optional
 from megatron_ualm.launch import free_port
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from localslurm import SBIN_PATH, SlurmCluster, SlurmError, _die_with_parent, node_layout  # noqa: E402
+from localslurm import SBIN_PATH, SlurmCluster, SlurmError, _die_with_parent, node_layout, serve, stop_daemon  # noqa: E402
 
 NAME_PREFIX = "ualm"  # bridge, veths and namespaces: ualm<pid>x<n>..., at most 15 characters
 _COUNTER = itertools.count()
@@ -361,37 +361,14 @@ class MultiNodeCluster(SlurmCluster):
     def stop(self) -> None:
         """Cancels every job, kills what is left on the nodes, stops the daemons by pid, deletes
         the namespaces and links (also after a failed or partial start)."""
-        if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
-            try:
-                jobs = self.run("squeue", "-h", "-o", "%F", check=False, timeout=15).split()
-                if jobs:
-                    self.run("scancel", *sorted(set(jobs)), check=False, timeout=15)
-                    deadline = time.monotonic() + 20
-                    while (self.run("squeue", "-h", "-o", "%i", check=False, timeout=15).strip()
-                           and time.monotonic() < deadline):
-                        time.sleep(0.2)
-            except (SlurmError, subprocess.TimeoutExpired):
-                pass
+        self.cancel_all(wait_s=20)
         for node in list(self.node_procs):
-            proc = self.node_procs.pop(node)
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
+            stop_daemon(self.node_procs.pop(node), timeout=10)
         for kind, name in self._created:
             if kind == "netns":
                 kill_all(lambda name=name: pids_in_netns(name))
         for name in ("slurmctld", "munged"):
-            proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_daemon(self.procs.pop(name, None))
         for kind, name in reversed(self._created):
             if kind == "netns":
                 _ip("netns", "delete", name, check=False)
@@ -517,25 +494,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.dir:
         os.makedirs(args.dir, exist_ok=True)
-    try:
-        cluster = MultiNodeCluster(args.nodes, cpus=args.cpus, root=os.path.abspath(args.dir) if args.dir else None,
-                                   keep=args.keep).start()
-    except SlurmError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-    print(f"{len(cluster.nodes)} nodes up ({', '.join(f'{n} {a}' for n, a in cluster.address.items())}); "
-          f"in another shell:\n  export SLURM_CONF={cluster.conf}", flush=True)
-    try:
-        while all(p.poll() is None for p in [*cluster.procs.values(), *cluster.node_procs.values()]):
-            time.sleep(1)
-        print(f"a daemon exited:\n{cluster.log_tail()}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        cluster.stop()
-
+    return serve(lambda: MultiNodeCluster(args.nodes, cpus=args.cpus, keep=args.keep,
+                                          root=os.path.abspath(args.dir) if args.dir else None),
+                 lambda cluster: f"{len(cluster.nodes)} nodes up "
+                                 f"({', '.join(f'{n} {a}' for n, a in cluster.address.items())})",
+                 lambda cluster: [*cluster.procs.values(), *cluster.node_procs.values()])
 
 if __name__ == "__main__":
     sys.exit(main())

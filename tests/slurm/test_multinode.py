@@ -42,6 +42,8 @@ from jobs import (ITERS, POSTTRAIN, REPO, SAVE_EVERY, TWO_NODES, Reference, asse
 from localslurm import job_output
 from multinode import environment_of, hang_up_orphan, is_alive, parent_of, process_state
 
+from megatron_ualm.training.loop import ARGUMENTS_FILE
+
 # Fault-tolerance timeouts for the tests: short, yet far above a CPU step of the debug flavor
 # (well under a second, a few seconds on a busy machine). Setup covers start-up and the load.
 FT_ENV = dict(FAULT_TOLERANCE="1", FT_SECTION_TIMEOUTS="setup:600,step:10,checkpointing:120",
@@ -243,7 +245,7 @@ SFT_RECORDS, PAIR_RECORDS = 24, 24
 def post_training_data(tmp_path_factory, tokenizer_path, audio_dir):
     """Chat shards (SFT) and preference shards (DPO) of tiny records with codes, and their blends."""
     from megatron_ualm.data.cli import build_blend_main
-    from megatron_ualm.posttraining.data_tools import preprocess_chat_main, preprocess_preferences_main
+    from megatron_ualm.data.cli import preprocess_chat_main, preprocess_preferences_main
 
     rng = np.random.default_rng(0)
     words = "dog bark rain wind engine car bird song piano guitar speech crowd water".split()
@@ -355,9 +357,11 @@ def test_dp2_across_nodes_equals_one_node_and_survives_the_loss_of_a_node(slurm_
 
     log = job_output(out, limit=10**8)
     assert "(restart 0), 2 task(s) x 1 rank(s), rendezvous node3:" in log and "(restart 1)" in log
-    # launch.sh's timeouts reached Megatron (its arguments table)
-    assert re.search(r"distributed_timeout_minutes \.+ 15\n", log), "--distributed-timeout-minutes 15"
-    assert re.search(r"distributed_timeout_seconds_after_init \.+ 300\n", log)
+    # launch.sh's timeouts reached Megatron (its argument dump, kept beside the checkpoints)
+    with open(os.path.join(scenario.save, ARGUMENTS_FILE)) as f:
+        arguments = f.read()
+    assert re.search(r"distributed_timeout_minutes \.+ 15\n", arguments), "--distributed-timeout-minutes 15"
+    assert re.search(r"distributed_timeout_seconds_after_init \.+ 300\n", arguments)
     assert re.search(r"Connection (reset|closed) by peer", log)  # node3's rank lost its peer ...
     assert "[rank0] exiting after RuntimeError" in log  # ... and exited
     loaded = loaded_iterations(out)
