@@ -19,6 +19,14 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
   rm -rf .venv
   "$(find_python312)" -m venv .venv
 fi
+# A set-up that already succeeded for this pyproject.toml, this script and this torch is not
+# redone (pip's resolution alone takes over a minute); the package is installed editable, so
+# code changes need no reinstall. Delete .venv/.setup-done to force one.
+stamp="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) torch==$TORCH_VERSION"
+if [ "$(cat .venv/.setup-done 2>/dev/null)" = "$stamp" ]; then
+  echo "setup: .venv is up to date (delete .venv/.setup-done to reinstall)"
+  exit 0
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}" "torchaudio==${TORCH_VERSION}"
 # torch named again: the newest torchvision (timm's, in [eval]) would otherwise upgrade it.
@@ -45,4 +53,6 @@ if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.versio
 fi
 .venv/bin/python -c "import nvidia_resiliency_ext.fault_tolerance" || {
   echo "setup: nvidia-resiliency-ext $NVRX_VERSION does not import (needed by FAULT_TOLERANCE=1 and tests/slurm)" >&2; exit 1; }
-.venv/bin/python -c "import megatron_ualm, megatron.core, torch; print('megatron-core', megatron.core.__version__, '| torch', torch.__version__, '| setup ok')"
+.venv/bin/python -c "from megatron_ualm.compat import quiet; quiet.install(); import megatron.core, torch
+print('megatron-core', megatron.core.__version__, '| torch', torch.__version__, '| setup ok')"
+echo "$stamp" > .venv/.setup-done
