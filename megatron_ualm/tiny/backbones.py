@@ -158,13 +158,14 @@ def _randomize_norms(model: torch.nn.Module, seed: int) -> None:
 def write_all(root, seed: int = 0) -> dict:
     """Every tiny backbone under ``root``; returns ``{backbone name: path}``."""
     root = str(root)
-    return {
-        "clap": write_tiny_clap(os.path.join(root, "clap"), seed),
-        "openl3": write_tiny_openl3(os.path.join(root, "openl3"), seed),
-        "passt": write_tiny_passt(os.path.join(root, "passt"), seed),
-        "panns": write_tiny_panns(os.path.join(root, "panns"), seed),
-        "aesthetics": write_tiny_aesthetics(os.path.join(root, "aesthetics"), seed),
-    }
+    with backbones.research_code_warnings_off():  # the packages' own warnings, as when evaluating
+        return {
+            "clap": write_tiny_clap(os.path.join(root, "clap"), seed),
+            "openl3": write_tiny_openl3(os.path.join(root, "openl3"), seed),
+            "passt": write_tiny_passt(os.path.join(root, "passt"), seed),
+            "panns": write_tiny_panns(os.path.join(root, "panns"), seed),
+            "aesthetics": write_tiny_aesthetics(os.path.join(root, "aesthetics"), seed),
+        }
 
 
 def write_clips(folder, names, seconds: float = 1.0, sample_rate: int = 16000, seed: int = 0,
