@@ -202,17 +202,18 @@ class LogProbLine(TrainingExtension):
 
     Megatron's line leaves out negative values (it prints averages >= 0 only), so the
     log-probs reach TensorBoard and ``metrics.jsonl`` but not its line; this line shows them.
-    A codebook's log-prob is a sum over its tokens, so it is exactly 0 only where no response
-    since the last line held audio (text-only pairs): those are left out, and the line says so.
+    A codebook's log-prob is a sum over its tokens, so it is exactly 0 only where no response of
+    that side since the last line held audio (text-only pairs): those are left out, and the line
+    says so.
     """
 
     def after_log(self, ctx: RunContext, iteration: int, loss_dict: dict) -> None:
         from megatron.training.utils import print_rank_last
 
         logps = {k: float(v) for k, v in loss_dict.items() if k.endswith("logp")}
-        no_audio = [k for k, v in logps.items() if " codebook_" in k and v == 0.0]
+        no_audio = {k for k, v in logps.items() if " codebook_" in k and v == 0.0}
         shown = [f"{k}: {v:.5g}" for k, v in logps.items() if k not in no_audio]
         if no_audio:
-            shown.append("codebooks: no audio in these responses")
+            shown.append("codebook logps of 0 left out (no audio tokens)")
         if logps:
             print_rank_last(f" [DPO] iteration {iteration:8d} | " + " | ".join(shown))

@@ -102,7 +102,7 @@ def test_sft_then_dpo_start_from_the_import_without_flavor(imported, tmp_path):
     assert " [DPO] iteration        3" in log and log.count("Theoretical memory footprints") == 1
     dpo_line = next(line for line in log.splitlines() if " [DPO] iteration        3" in line)
     assert "chosen text logp" in dpo_line and "codebook_" not in dpo_line, dpo_line  # text-only pairs
-    assert dpo_line.endswith("codebooks: no audio in these responses"), dpo_line
+    assert dpo_line.endswith("codebook logps of 0 left out (no audio tokens)"), dpo_line
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
     out = run_ok([sys.executable, os.path.join(ROOT, "tools", "plot_losses.py"), os.path.join(dpo, "metrics.jsonl"),
                   str(tmp_path / "dpo.png")])
