@@ -14,7 +14,8 @@ model description travels there). Four things UALM needs have no such hook in Me
    that starts from iteration N of another run is every log line up to N;
 2. ``training.evaluate``: validation losses are divided by Megatron before anything can see
    them; a validation split without codebook cells would report ``0 / 0 = nan`` codebook losses,
-   which are dropped here (``losses.drop_empty_codebook_losses``);
+   which are dropped here (``losses.drop_empty_codebook_losses``). The end-of-run evaluation's
+   line per iteration becomes one line (Megatron has no flag for it);
 3. ``training.get_forward_backward_func``: DPO's reference log-probs must be attached to all of a
    step's micro-batches before the pipeline schedule starts (scoring them inside the forward
    step would run a second schedule while the policy's is mid-flight on other stages);
@@ -221,11 +222,25 @@ def _training_log(ctx: RunContext, original: Callable) -> Callable:
 
 
 def _evaluate(original: Callable) -> Callable:
-    """Validation reports no codebook losses where the split has no codebook cells."""
+    """Validation reports no codebook losses where the split has no codebook cells, and the
+    evaluation at the end of a run prints one line where Megatron prints one per iteration."""
+    from megatron.training import get_args
+    from megatron.training.utils import print_rank_0
+
     from megatron_ualm.losses import drop_empty_codebook_losses
 
-    def evaluate(*args, **kwargs):
-        total_loss_dict, collected, timelimit = original(*args, **kwargs)
+    signature = inspect.signature(original)
+
+    def evaluate(*call_args, **call_kwargs):
+        call = signature.bind(*call_args, **call_kwargs)
+        if call.arguments.get("verbose"):
+            # Megatron's final validation and test passes print "Evaluating iter i/n" for each
+            # of --eval-iters (default 100): 200 console lines at the end of every run.
+            args = get_args()
+            eval_iters = call.arguments.get("eval_iters") or args.eval_iters
+            print_rank_0(f"Evaluating on {eval_iters * args.eval_global_batch_size} samples ({eval_iters} iterations)")
+            call.arguments["verbose"] = False
+        total_loss_dict, collected, timelimit = original(*call.args, **call.kwargs)
         if total_loss_dict:
             total_loss_dict = drop_empty_codebook_losses(total_loss_dict)
         return total_loss_dict, collected, timelimit

@@ -47,3 +47,37 @@ def test_the_training_loop_filters_megatron_evaluate(monkeypatch):
         assert mtraining.evaluate() == (None, None, True)
     finally:
         hooks.uninstall()
+
+
+def test_the_final_evaluation_prints_one_line_not_one_per_iteration(monkeypatch, capsys):
+    """Megatron's end-of-run validation and test passes print a line per ``--eval-iters``
+    iteration (200 lines at the default 100); the loop prints one line and evaluates the same."""
+    import argparse
+    import inspect
+
+    from megatron.training import global_vars
+    from megatron.training import training as mtraining
+
+    from megatron_ualm.training import hooks
+
+    seen = []
+
+    def megatron_evaluate(forward_step_func, data_iterator, model, process_non_loss_data_func, config,
+                          verbose=False, non_loss_data_func=None, eval_iters=None):
+        seen.append((verbose, eval_iters))
+        return {"lm loss": torch.tensor(1.0)}, None, False
+
+    assert list(inspect.signature(megatron_evaluate).parameters) == list(
+        inspect.signature(mtraining.evaluate).parameters)[:8], "Megatron's evaluate changed its arguments"
+    monkeypatch.setattr(mtraining, "evaluate", megatron_evaluate)
+    monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", argparse.Namespace(eval_iters=100, eval_global_batch_size=8))
+    try:
+        hooks.install(hooks.RunContext(argparse.Namespace(), "test"))
+        mtraining.evaluate(None, None, [], None, None, True)  # the final passes, verbose positional
+        mtraining.evaluate(None, None, [], None, None, verbose=True, eval_iters=5)
+        mtraining.evaluate(None, None, [], None, None)  # the periodic passes print nothing
+    finally:
+        hooks.uninstall()
+    assert seen == [(False, None), (False, 5), (False, None)]
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["Evaluating on 800 samples (100 iterations)", "Evaluating on 40 samples (5 iterations)"]
