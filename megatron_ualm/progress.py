@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 
@@ -19,3 +20,20 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, initial
 
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
                 dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def library_bars_off():
+    """Hides ``transformers``' own bars ("Loading weights", "Writing model shards") inside the
+    block: a model loading or saving in a fraction of a second is not a task a person waits on,
+    and a tool whose workers each load the codec would print one bar per worker. The setting is
+    put back afterwards (bars a caller turned off stay off)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()

@@ -24,6 +24,7 @@ import numpy as np
 from megatron_ualm.data.errors import RecordError
 from megatron_ualm.data.tokenizer import file_sha256
 from megatron_ualm.plugins import plugin_class
+from megatron_ualm.progress import library_bars_off
 
 
 class CodecLoadError(ValueError):
@@ -182,7 +183,8 @@ class XCodec(Codec):
         check_checkpoint_dir(path, "X-Codec", model_type="xcodec")
         self.path = str(path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = XcodecModel.from_pretrained(self.path).eval().to(self.device)
+        with library_bars_off():  # each preprocessing worker loads its own copy
+            self.model = XcodecModel.from_pretrained(self.path).eval().to(self.device)
         cfg = self.model.config
         self.sample_rate = int(cfg.sample_rate)
         self.frame_rate = int(cfg.frame_rate)

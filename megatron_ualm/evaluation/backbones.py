@@ -40,6 +40,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from megatron_ualm.progress import library_bars_off
+
 # ----------------------------------------------------------------------------------- helpers
 
 
@@ -483,7 +485,8 @@ class CLAP(Backbone):
         from transformers import ClapModel, ClapProcessor
 
         self.check_path(path)
-        self.model = ClapModel.from_pretrained(path, local_files_only=True).eval().to(self.device)
+        with library_bars_off():
+            self.model = ClapModel.from_pretrained(path, local_files_only=True).eval().to(self.device)
         self.processor = ClapProcessor.from_pretrained(path, local_files_only=True)
         self.sample_rate = int(self.processor.feature_extractor.sampling_rate)
         self.seed = seed

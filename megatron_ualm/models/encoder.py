@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from megatron_ualm.config import UALMConfig
+from megatron_ualm.progress import library_bars_off
 
 
 def _encoder_classes(kind: str):
@@ -61,7 +62,8 @@ class FrozenAudioEncoder(torch.nn.Module):
         super().__init__()
         model_cls, config_cls, self.frame_rate = _encoder_classes(config.audio_encoder_type)
         if config.audio_encoder_path is not None:
-            self.model = model_cls.from_pretrained(config.audio_encoder_path)
+            with library_bars_off():  # every rank builds the encoder
+                self.model = model_cls.from_pretrained(config.audio_encoder_path)
         else:
             self.model = model_cls(config_cls(**config.audio_encoder_config))
         self.model.requires_grad_(False)

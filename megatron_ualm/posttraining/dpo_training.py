@@ -207,11 +207,22 @@ class LogProbLine(TrainingExtension):
     says so.
     """
 
+    @staticmethod
+    def _without_audio(losses: dict) -> set:
+        """The codebook log-prob entries that are exactly 0: no response of that side held audio."""
+        return {k for k, v in losses.items() if k.endswith("logp") and " codebook_" in k and float(v) == 0.0}
+
+    def after_evaluate(self, ctx: RunContext, losses: dict) -> dict:
+        """The validation line leaves them out too (Megatron would print sixteen zeros, each with
+        a "PPL" of 1, for text-only pairs)."""
+        no_audio = self._without_audio(losses)
+        return {k: v for k, v in losses.items() if k not in no_audio}
+
     def after_log(self, ctx: RunContext, iteration: int, loss_dict: dict) -> None:
         from megatron.training.utils import print_rank_last
 
         logps = {k: float(v) for k, v in loss_dict.items() if k.endswith("logp")}
-        no_audio = {k for k, v in logps.items() if " codebook_" in k and v == 0.0}
+        no_audio = self._without_audio(logps)
         shown = [f"{k}: {v:.5g}" for k, v in logps.items() if k not in no_audio]
         if no_audio:
             shown.append("codebook logps of 0 left out (no audio tokens)")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from megatron_ualm.evaluation import backbones
+from megatron_ualm.progress import library_bars_off
 
 
 def _fresh_dir(path) -> str:
@@ -46,7 +47,7 @@ def _tiny_roberta_tokenizer():
     bpe = ByteLevelBPETokenizer()
     corpus = ["a dog barks in the rain", "rain on a tin roof", "a car passes by", "birds sing at dawn",
               "a piano plays a slow melody", "people talk in a busy cafe"] * 20
-    bpe.train_from_iterator(corpus, vocab_size=300, min_frequency=1,
+    bpe.train_from_iterator(corpus, vocab_size=300, min_frequency=1, show_progress=False,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     model = _json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
@@ -72,7 +73,8 @@ def write_tiny_clap(path, seed: int = 0) -> str:
     audio = ClapAudioConfig(depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 1, 1], patch_embeds_hidden_size=8,
                             hidden_size=64, projection_dim=32, enable_fusion=True, window_size=8)
     model = ClapModel(ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=32)).eval()
-    model.save_pretrained(path)
+    with library_bars_off():
+        model.save_pretrained(path)
     ClapProcessor(feature_extractor=ClapFeatureExtractor(truncation="fusion"), tokenizer=tok).save_pretrained(path)
     return path
 

@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from megatron_ualm.progress import library_bars_off
+
 PITCHES = {"low hum": 150.0, "middle tone": 300.0, "high beep": 600.0, "whistle": 1200.0}
 LENGTHS = {"short": 0.6, "long": 1.2}
 WORDS = ("the dog cat bird barks sings runs sleeps in on under a house tree garden rain sun "
@@ -73,7 +75,8 @@ def build_random_xcodec(directory: str, num_codebooks: int, codebook_size: int, 
     with torch.no_grad():
         for q in model.quantizer.quantizers:
             q.codebook.embed.normal_()
-    model.save_pretrained(directory)
+    with library_bars_off():
+        model.save_pretrained(directory)
     return directory
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from megatron_ualm.progress import library_bars_off
+
 CRITIC_WORDS = ("the audio is missing a tone the plan asks for a longer sound it should be higher lower louder "
                 "quieter add remove the beep hum whistle keep it short make it long fix the layout").split()
 
@@ -32,6 +34,7 @@ def write_tiny_critic(path: str, seed: int = 0) -> str:
     config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    Qwen2ForCausalLM(config).eval().save_pretrained(path)
+    with library_bars_off():
+        Qwen2ForCausalLM(config).eval().save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -14,7 +14,8 @@ model description travels there). Four things UALM needs have no such hook in Me
    that starts from iteration N of another run is every log line up to N;
 2. ``training.evaluate``: validation losses are divided by Megatron before anything can see
    them; a validation split without codebook cells would report ``0 / 0 = nan`` codebook losses,
-   which are dropped here (``losses.drop_empty_codebook_losses``). The end-of-run evaluation's
+   which are dropped here (``losses.drop_empty_codebook_losses``), and the extensions see the
+   losses first (DPO leaves out the log-probs of codebooks no response held). The end-of-run evaluation's
    line per iteration becomes one line (Megatron has no flag for it);
 3. ``training.get_forward_backward_func``: DPO's reference log-probs must be attached to all of a
    step's micro-batches before the pipeline schedule starts (scoring them inside the forward
@@ -64,6 +65,11 @@ class TrainingExtension:
 
     def after_log(self, ctx: "RunContext", iteration: int, loss_dict: dict) -> None:
         """Runs on every rank after each log line (every ``--log-interval`` iterations)."""
+
+    def after_evaluate(self, ctx: "RunContext", losses: dict) -> dict:
+        """Sees the averaged validation losses before Megatron prints and logs them; returns the
+        entries to report."""
+        return losses
 
     def before_schedule(self, ctx: "RunContext", call: dict) -> None:
         """Sees (and may replace) the arguments of each train / eval pipeline-schedule call
@@ -167,7 +173,7 @@ def install(ctx: RunContext) -> None:
 
     uninstall()
     wrap(mtraining, "training_log", lambda original: _training_log(ctx, original))
-    wrap(mtraining, "evaluate", _evaluate)
+    wrap(mtraining, "evaluate", lambda original: _evaluate(ctx, original))
     wrap(mtraining, "get_forward_backward_func", lambda original: _schedule(ctx, original))
     atomic_saves.install(checkpointing, mtraining, wrap)
 
@@ -221,9 +227,10 @@ def _training_log(ctx: RunContext, original: Callable) -> Callable:
     return training_log
 
 
-def _evaluate(original: Callable) -> Callable:
-    """Validation reports no codebook losses where the split has no codebook cells, and the
-    evaluation at the end of a run prints one line where Megatron prints one per iteration."""
+def _evaluate(ctx: RunContext, original: Callable) -> Callable:
+    """Validation reports no codebook losses where the split has no codebook cells, the
+    extensions see the losses before Megatron prints them, and the evaluation at the end of a
+    run prints one line where Megatron prints one per iteration."""
     from megatron.training import get_args
     from megatron.training.utils import print_rank_0
 
@@ -243,6 +250,8 @@ def _evaluate(original: Callable) -> Callable:
         total_loss_dict, collected, timelimit = original(*call.args, **call.kwargs)
         if total_loss_dict:
             total_loss_dict = drop_empty_codebook_losses(total_loss_dict)
+            for ext in ctx.extensions:
+                total_loss_dict = ext.after_evaluate(ctx, total_loss_dict)
         return total_loss_dict, collected, timelimit
 
     return evaluate

@@ -98,11 +98,14 @@ def test_sft_then_dpo_start_from_the_import_without_flavor(imported, tmp_path):
     dpo = str(tmp_path / "dpo")
     log = _module("megatron_ualm.dpo", "--pretrained-checkpoint", sft, "--load", dpo, "--save", dpo,
                   "--blend-file", str(root / "pairs_blend.json"), "--lr", "1e-6", "--tensorboard-dir",
-                  str(tmp_path / "tb"), *TRAIN)
+                  str(tmp_path / "tb"), *TRAIN, "--eval-iters", "2")
     assert " [DPO] iteration        3" in log and log.count("Theoretical memory footprints") == 1
     dpo_line = next(line for line in log.splitlines() if " [DPO] iteration        3" in line)
     assert "chosen text logp" in dpo_line and "codebook_" not in dpo_line, dpo_line  # text-only pairs
     assert dpo_line.endswith("codebook logps of 0 left out (no audio tokens)"), dpo_line
+    validation = next(line for line in log.splitlines() if "validation loss at iteration 3 on validation set" in line)
+    assert "chosen text logp value" in validation and "codebook_" not in validation, validation
+    assert "Evaluating on 4 samples (2 iterations)" in log and "Evaluating iter" not in log
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
     out = run_ok([sys.executable, os.path.join(ROOT, "tools", "plot_losses.py"), os.path.join(dpo, "metrics.jsonl"),
                   str(tmp_path / "dpo.png")])
