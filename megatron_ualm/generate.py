@@ -226,7 +226,9 @@ def main(argv: Optional[list] = None) -> None:
         from megatron_ualm.files import atomic_write, jsonl_text
 
         path = atomic_write(os.path.join(args.out, "results.jsonl"), jsonl_text(results))
-        print(f"wrote {len(results)} results to {path}")
+        clips = sum(len(r.get("audio", [])) for r in results)
+        print(f"wrote {len(results)} result{'s' * (len(results) != 1)} ({clips} clip{'s' * (clips != 1)}) "
+              f"to {path}")
     api.destroy_parallel()
 
 
