@@ -15,8 +15,8 @@ model description travels there). Four things UALM needs have no such hook in Me
 2. ``training.evaluate``: validation losses are divided by Megatron before anything can see
    them; a validation split without codebook cells would report ``0 / 0 = nan`` codebook losses,
    which are dropped here (``losses.drop_empty_codebook_losses``), and the extensions see the
-   losses first (DPO leaves out the log-probs of codebooks no response held). The end-of-run evaluation's
-   line per iteration becomes one line (Megatron has no flag for it);
+   losses first (DPO leaves out the log-probs of codebooks no response held). The end-of-run
+   evaluation's line per iteration becomes one line (Megatron has no flag for it);
 3. ``training.get_forward_backward_func``: DPO's reference log-probs must be attached to all of a
    step's micro-batches before the pipeline schedule starts (scoring them inside the forward
    step would run a second schedule while the policy's is mid-flight on other stages);
