@@ -304,6 +304,7 @@ class OpenL3(Backbone):
     weight_names = ("model.pt", "model.pth", "model.pth.tar", "model.safetensors")
     DEFAULTS = {"input_repr": "mel256", "content_type": "env", "embedding_size": 512}
 
+    @research_code_warnings_off()  # the packages warn while building their models
     def __init__(self, path: str, device: Optional[str] = None, batch_size: int = 64,
                  hop_seconds: float = 0.5, eval_rate: int = 44100) -> None:
         super().__init__(path, device, batch_size)
@@ -345,6 +346,7 @@ class PaSST(Backbone):
                 "embed_dim": 768, "depth": 12, "num_heads": 12, "distilled": True}
     WINDOW_SECONDS, OVERLAP_SECONDS = 10.0, 5.0
 
+    @research_code_warnings_off()  # the packages warn while building their models
     def __init__(self, path: str, device: Optional[str] = None, batch_size: int = 16) -> None:
         super().__init__(path, device, batch_size)
         from hear21passt.models.passt import PaSST as PaSSTNet
@@ -413,6 +415,7 @@ class PANNs(Backbone):
     DEFAULTS = {"sample_rate": 16000, "window_size": 512, "hop_size": 160, "mel_bins": 64, "fmin": 50,
                 "fmax": 8000, "classes_num": 527}
 
+    @research_code_warnings_off()  # the packages warn while building their models
     def __init__(self, path: str, device: Optional[str] = None, batch_size: int = 32) -> None:
         super().__init__(path, device, batch_size)
         config, weights = read_checkpoint(path, self.label, self.DEFAULTS, self.weight_names)
@@ -480,6 +483,7 @@ class CLAP(Backbone):
             raise FileNotFoundError(f"LAION-CLAP folder {path} {what}: it must be a transformers folder (ClapModel + "
                                     f"ClapProcessor save_pretrained, e.g. a copy of laion/clap-htsat-fused; {README_HINT})")
 
+    @research_code_warnings_off()  # the packages warn while building their models
     def __init__(self, path: str, device: Optional[str] = None, batch_size: int = 32, seed: int = 0) -> None:
         super().__init__(path, device, batch_size)
         from transformers import ClapModel, ClapProcessor
@@ -537,6 +541,7 @@ class Aesthetics(Backbone):
     MODEL_KEYS = ("proj_num_layer", "proj_ln", "proj_act_fn", "proj_dropout", "nth_layer",
                   "use_weighted_layer_sum", "precision", "normalize_embed", "output_dim")
 
+    @research_code_warnings_off()  # the packages warn while building their models
     def __init__(self, path: str, device: Optional[str] = None, batch_size: int = 16) -> None:
         super().__init__(path, device, batch_size)
         import re

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from megatron_ualm.evaluation import metrics
-from megatron_ualm.evaluation.backbones import BACKBONES, Backbone, research_code_warnings_off
+from megatron_ualm.evaluation.backbones import BACKBONES, Backbone
 from megatron_ualm.files import atomic_file, read_jsonl
 from megatron_ualm.progress import progress_bar
 
@@ -344,5 +344,4 @@ def evaluate_clips(files: dict[str, str], models: dict[str, Backbone], reference
 
 def load_backbones(paths: dict[str, Optional[str]], device: Optional[str] = None, **options) -> dict[str, Backbone]:
     """Loads the backbones whose path is given (``{name: path or None}``)."""
-    with research_code_warnings_off():
-        return {name: BACKBONES[name](p, device=device, **options.get(name, {})) for name, p in paths.items() if p}
+    return {name: BACKBONES[name](p, device=device, **options.get(name, {})) for name, p in paths.items() if p}

@@ -54,6 +54,7 @@ def _tiny_roberta_tokenizer():
     return RobertaTokenizer(vocab=model["vocab"], merges=merges)
 
 
+@backbones.research_code_warnings_off()  # the packages warn while building their models
 def write_tiny_clap(path, seed: int = 0) -> str:
     """A random ``transformers`` CLAP (HTSAT + RoBERTa towers, fusion on) with its processor.
 
@@ -79,6 +80,7 @@ def write_tiny_clap(path, seed: int = 0) -> str:
     return path
 
 
+@backbones.research_code_warnings_off()  # the packages warn while building their models
 def write_tiny_aesthetics(path, seed: int = 0) -> str:
     """A random AudioBox-Aesthetics ``checkpoint.pt`` with a 2-layer, 32-wide WavLM.
 
@@ -108,6 +110,7 @@ def write_tiny_aesthetics(path, seed: int = 0) -> str:
     return path
 
 
+@backbones.research_code_warnings_off()  # the packages warn while building their models
 def write_tiny_openl3(path, seed: int = 0) -> str:
     """A random OpenL3 (``PytorchOpenl3``, mel256, 512-d; the architecture has no size knobs)."""
     from torchopenl3.models import PytorchOpenl3
@@ -121,6 +124,7 @@ def write_tiny_openl3(path, seed: int = 0) -> str:
     return path
 
 
+@backbones.research_code_warnings_off()  # the packages warn while building their models
 def write_tiny_passt(path, seed: int = 0, embed_dim: int = 32, depth: int = 1, num_heads: int = 2) -> str:
     """A random PaSST network (the real class, 10 s input geometry, narrow and shallow)."""
     from hear21passt.models.passt import PaSST
@@ -135,6 +139,7 @@ def write_tiny_passt(path, seed: int = 0, embed_dim: int = 32, depth: int = 1, n
     return path
 
 
+@backbones.research_code_warnings_off()  # the packages warn while building their models
 def write_tiny_panns(path, seed: int = 0, classes_num: int = 527) -> str:
     """A random PANNs ``Cnn14`` with the 16 kHz settings (its channel widths are fixed: ~80M
     parameters, about 320 MB on disk)."""
@@ -160,14 +165,13 @@ def _randomize_norms(model: torch.nn.Module, seed: int) -> None:
 def write_all(root, seed: int = 0) -> dict:
     """Every tiny backbone under ``root``; returns ``{backbone name: path}``."""
     root = str(root)
-    with backbones.research_code_warnings_off():  # the packages' own warnings, as when evaluating
-        return {
-            "clap": write_tiny_clap(os.path.join(root, "clap"), seed),
-            "openl3": write_tiny_openl3(os.path.join(root, "openl3"), seed),
-            "passt": write_tiny_passt(os.path.join(root, "passt"), seed),
-            "panns": write_tiny_panns(os.path.join(root, "panns"), seed),
-            "aesthetics": write_tiny_aesthetics(os.path.join(root, "aesthetics"), seed),
-        }
+    return {
+        "clap": write_tiny_clap(os.path.join(root, "clap"), seed),
+        "openl3": write_tiny_openl3(os.path.join(root, "openl3"), seed),
+        "passt": write_tiny_passt(os.path.join(root, "passt"), seed),
+        "panns": write_tiny_panns(os.path.join(root, "panns"), seed),
+        "aesthetics": write_tiny_aesthetics(os.path.join(root, "aesthetics"), seed),
+    }
 
 
 def write_clips(folder, names, seconds: float = 1.0, sample_rate: int = 16000, seed: int = 0,

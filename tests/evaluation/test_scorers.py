@@ -69,3 +69,21 @@ def test_plugin_and_bad_specs(tmp_path):
         load_scorer("no_such_module_xyz:Thing", "x")
     with pytest.raises(ValueError, match="is not a megatron_ualm.evaluation.scorers.Scorer subclass"):
         load_scorer("numpy:ndarray", "x")
+
+
+@pytest.mark.parametrize("name", ["openl3", "passt", "panns", "clap", "aesthetics"])
+def test_backbones_and_scorers_build_without_the_packages_warnings(tiny_backbones, name, tmp_path):
+    """The research packages' deprecation warnings while building their models (AudioBox-Aesthetics'
+    ``weight_norm``, ...) are not the user's to act on: not when a scorer or backbone is made, nor
+    when a tiny one is written."""
+    import warnings
+
+    from megatron_ualm.evaluation.backbones import BACKBONES
+    from megatron_ualm.tiny import backbones as tiny_models
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BACKBONES[name](tiny_backbones[name], device="cpu")
+        if name in ("clap", "aesthetics"):
+            (ClapScorer if name == "clap" else AestheticsScorer)(tiny_backbones[name], device="cpu")
+            getattr(tiny_models, f"write_tiny_{name}")(tmp_path / name)
