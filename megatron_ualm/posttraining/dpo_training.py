@@ -132,7 +132,7 @@ def forward_step(ctx: RunContext, data_iterator, model):
     from megatron_ualm.posttraining.dpo_loss import dpo_forward_step
 
     batch = next(data_iterator)
-    ctx.count_batch(batch.rows)
+    ctx.count_batch(batch.rows, model)
     return dpo_forward_step(dpo_config(ctx.args), iter([batch]), model)
 
 

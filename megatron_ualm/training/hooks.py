@@ -37,8 +37,10 @@ during training (``evaluation.during_training``), and DPO's log line and referen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Type, TypeVar
 
@@ -95,6 +97,7 @@ class RunContext:
     extensions: list = field(default_factory=list)
     model_chunks: list = field(default_factory=list)
     memory_reported: bool = False
+    hook_seconds: float = 0.0
     _config: Optional[UALMConfig] = None
     _throughput: Optional[UALMThroughput] = None
 
@@ -112,9 +115,19 @@ class RunContext:
             self._throughput = UALMThroughput(self.model_config(), a.seq_length, a.world_size, a.data_parallel_size)
         return self._throughput
 
-    def count_batch(self, batch) -> None:
-        """Counts one micro-batch for the ``[UALM]`` line (forward steps call it)."""
-        self.throughput().counters.record(batch)
+    def interval_seconds(self) -> float:
+        """Training time since the last log line: Megatron's ``interval-time`` timer, which it
+        pauses for checkpoint saves and evaluations (read without resetting it: its own log line
+        resets it), less the time the extensions' hooks took."""
+        from megatron.training import get_timers
+
+        return get_timers()("interval-time").elapsed(reset=False) - self.hook_seconds
+
+    def count_batch(self, batch, model) -> None:
+        """Counts one micro-batch for the ``[UALM]`` line (forward steps call it); evaluation's
+        micro-batches (``model`` in eval mode) are not training throughput and are not counted."""
+        if model.training:
+            self.throughput().counters.record(batch)
 
     def extension(self, cls: Type[E]) -> E:
         """This run's extension of class ``cls``."""
@@ -198,16 +211,21 @@ def _training_log(ctx: RunContext, original: Callable) -> Callable:
     def training_log(*call_args, **call_kwargs):
         call = signature.bind(*call_args, **call_kwargs)
         iteration, loss_dict, learning_rate = (call.arguments[k] for k in ("iteration", "loss_dict", "learning_rate"))
-        for ext in ctx.extensions:
-            ext.after_step(ctx, iteration)
         args = ctx.args
+        logs = iteration % args.log_interval == 0
+        with _timed(ctx):  # an audio evaluation is not training time
+            for ext in ctx.extensions:
+                ext.after_step(ctx, iteration)
+        if logs:
+            seconds = ctx.interval_seconds()  # before Megatron's line resets the timer
+            ctx.hook_seconds = 0.0
         if ctx.memory_reported:
             call.arguments["report_memory_flag"] = False
-        elif call.arguments.get("report_memory_flag") and iteration % args.log_interval == 0:
+        elif call.arguments.get("report_memory_flag") and logs:
             ctx.memory_reported = True  # Megatron reports at this log line
         result = original(*call.args, **call.kwargs)
-        if iteration % args.log_interval == 0:
-            metrics = ctx.throughput().report()  # a collective over the data-parallel group
+        if logs:
+            metrics = ctx.throughput().report(seconds)  # a collective over the data-parallel group
             line = " | ".join(f"{k}: {v:.4g}" if "per" in k else f"{k}: {v}" for k, v in metrics.items())
             print_rank_last(f" [UALM] iteration {iteration:8d} | {line}")
             writer = get_tensorboard_writer()
@@ -220,11 +238,22 @@ def _training_log(ctx: RunContext, original: Callable) -> Callable:
             if args.save and _is_last_rank():
                 losses = {k: float(v) for k, v in loss_dict.items()}
                 append_metrics(args.save, {"iteration": iteration, "lr": learning_rate, **losses, **metrics})
-            for ext in ctx.extensions:
-                ext.after_log(ctx, iteration, loss_dict)
+            with _timed(ctx):
+                for ext in ctx.extensions:
+                    ext.after_log(ctx, iteration, loss_dict)
         return result
 
     return training_log
+
+
+@contextlib.contextmanager
+def _timed(ctx: RunContext):
+    """Adds the block's wall time to ``ctx.hook_seconds`` (left out of the next throughput)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        ctx.hook_seconds += time.perf_counter() - start
 
 
 def _evaluate(ctx: RunContext, original: Callable) -> Callable:

@@ -48,7 +48,7 @@ class TrainingEntry:
         datasets_provider: Megatron's ``train_valid_test_dataset_provider``, taking the
             ``RunContext`` first.
         forward_step: Megatron's ``forward_step_func``, taking the ``RunContext`` first; call
-            ``ctx.count_batch(batch)`` on each micro-batch so the ``[UALM]`` line counts it.
+            ``ctx.count_batch(batch, model)`` on each micro-batch so the ``[UALM]`` line counts it.
         model_provider: Megatron's model provider, taking the ``RunContext`` first (default: one
             UALM stage with the freezing policy of ``--freeze``).
         add_args: adds the entry point's own flags to Megatron's parser (after UALM's).

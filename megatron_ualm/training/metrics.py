@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -64,7 +63,6 @@ class UALMThroughput:
         self.encoder_config = encoder_hf_config(config) if config.audio_encoder_type else None
         self.frames_per_window = window_geometry(config)[2] if config.audio_encoder_type else 0
         self.counters = StepCounters()
-        self._last = time.perf_counter()
 
     def _global_counts(self, families: list[str]) -> list[int]:
         """[sequences, encoder windows, samples per family] summed over the data-parallel group.
@@ -85,10 +83,13 @@ class UALMThroughput:
             counts = [int(round(v)) for v in t.tolist()]
         return counts
 
-    def report(self) -> dict:
-        """Metrics since the previous call (a collective over the data-parallel group); resets the counters."""
-        now = time.perf_counter()
-        seconds, self._last = now - self._last, now
+    def report(self, seconds: float) -> dict:
+        """Metrics since the previous call (a collective over the data-parallel group); resets the counters.
+
+        Args:
+            seconds: the training time the counted steps took (the loop gives Megatron's interval
+                timer, which leaves out checkpoint saves and evaluations, as its own line does).
+        """
         c = self.counters
         # A fixed list: every rank of the group must reduce a tensor of the same length.
         families = list(FAMILIES)

@@ -36,7 +36,7 @@ def forward_step(ctx: RunContext, data_iterator, model):
     from megatron_ualm import api
 
     batch = next(data_iterator)
-    ctx.count_batch(batch)
+    ctx.count_batch(batch, model)
     return api.forward_step(iter([batch]), model)
 
 

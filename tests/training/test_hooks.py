@@ -17,7 +17,11 @@ def _megatron_functions():
 class _Counts:
     """The ``[UALM]`` metrics of a run whose throughput is not under test."""
 
-    def report(self):
+    def __init__(self):
+        self.seconds = []
+
+    def report(self, seconds):
+        self.seconds.append(seconds)
         return {"tokens_per_sec_per_gpu": 1.0}
 
 
@@ -35,6 +39,7 @@ class _Recorder(hooks.TrainingExtension):
 def _context(extensions):
     ctx = hooks.RunContext(argparse.Namespace(log_interval=2, save=None), "test", list(extensions))
     ctx._throughput = _Counts()
+    ctx.interval_seconds = lambda: 10.0 - ctx.hook_seconds  # Megatron's interval timer, outside a run
     return ctx
 
 
@@ -147,3 +152,70 @@ def test_importing_the_package_changes_nothing_outside_it():
                           env={"TORCHDYNAMO_DISABLE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
 
+
+
+def test_throughput_time_is_megatron_interval_time_without_the_extensions_hooks(monkeypatch):
+    """The ``[UALM]`` tokens/s divide by Megatron's ``interval-time`` (which it pauses for saves
+    and evaluations, so the line after a checkpoint save is not a fraction of the others), less
+    what the extensions' hooks took (an audio evaluation during training is not training time)."""
+    import time
+
+    from megatron.training import global_vars
+    from megatron.training import training as mtraining
+
+    class _SlowHook(hooks.TrainingExtension):
+        def after_step(self, ctx, iteration):
+            if iteration == 2:
+                time.sleep(0.3)
+
+        def after_log(self, ctx, iteration, loss_dict):
+            time.sleep(0.2)
+
+    class _Timer:
+        def __init__(self):
+            self.value, self.resets = 0.0, 0
+
+        def elapsed(self, reset=True, barrier=False):
+            value = self.value
+            if reset:
+                self.value, self.resets = 0.0, self.resets + 1
+            return value
+
+    timer = _Timer()
+    monkeypatch.setattr(global_vars, "_GLOBAL_TIMERS", lambda name, log_level=None: timer)
+
+    def megatron_line(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale, report_memory_flag, *rest):
+        if iteration % 2 == 0:
+            timer.elapsed(reset=True)  # Megatron's line reads and resets the interval timer
+
+    monkeypatch.setattr(mtraining, "training_log", megatron_line)
+    ctx = hooks.RunContext(argparse.Namespace(log_interval=2, save=None), "test", [_SlowHook()])
+    ctx._throughput = counts = _Counts()
+    try:
+        hooks.install(ctx)
+        for iteration in (1, 2, 3, 4):
+            timer.value += 5.0 + (0.3 if iteration == 2 else 0) + (0.2 if iteration == 3 else 0)  # wall time with hooks
+            mtraining.training_log({}, {}, 0.1, iteration, 1.0, False)
+    finally:
+        hooks.uninstall()
+    assert timer.resets == 2
+    assert counts.seconds == pytest.approx([10.0, 10.0], abs=0.05), counts.seconds
+
+
+def test_evaluation_micro_batches_are_not_counted_as_training_throughput():
+    """Megatron's evaluation runs the same forward step with the model in eval mode: its rows are
+    neither training tokens nor training FLOPs (they would inflate the line after a validation)."""
+    import types
+
+    import torch
+
+    from megatron_ualm.training.metrics import StepCounters
+
+    ctx = _context([])
+    ctx._throughput = types.SimpleNamespace(counters=StepCounters())
+    batch = types.SimpleNamespace(tokens=torch.zeros(3, 8), audio_in_lengths=None, family_counts={"text": 3})
+    model = torch.nn.Linear(1, 1)
+    ctx.count_batch(batch, model)
+    model.eval()
+    ctx.count_batch(batch, model)
+    assert ctx._throughput.counters.sequences == 3 and ctx._throughput.counters.families == {"text": 3}
