@@ -294,7 +294,9 @@ def evaluate_clips(files: dict[str, str], models: dict[str, Backbone], reference
         else:
             paired = [i for i in files if i in reference.passt_probs]
             if not paired:
-                skip("KL: no generated clip id matches a reference clip id")
+                skip(f"KL: no generated clip id matches a reference clip id (KL pairs clips by id: a prompt's "
+                     f"\"id\" with the reference file of that stem, e.g. {next(iter(files))!r} with "
+                     f"{next(iter(files))}.wav; the reference has e.g. {next(iter(reference.passt_probs))!r})")
             else:
                 gen = metrics.softmax(np.stack([feats["passt"][i]["passt_logits"] for i in paired]))
                 kl = metrics.kl_divergence(gen, np.stack([reference.passt_probs[i] for i in paired]))

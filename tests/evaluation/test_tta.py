@@ -131,6 +131,11 @@ def test_reference_from_other_weights_is_not_used(folders, tiny_backbones, tmp_p
     other = PaSST(tiny_models.write_tiny_passt(tmp_path / "other", seed=5), device="cpu")
     res = tta.evaluate_clips(files, {"passt": other}, stats, show_progress=False)
     assert "KL" not in res.metrics and any("another PaSST checkpoint" in n for n in res.notes)
+    unpaired = {f"x{i}": p for i, p in files.items()}  # ids that name no reference clip
+    res = tta.evaluate_clips(unpaired, {"passt": PaSST(tiny_backbones["passt"], device="cpu")}, stats,
+                             show_progress=False)
+    note = next(n for n in res.notes if n.startswith("KL"))
+    assert "KL" not in res.metrics and "pairs clips by id" in note and f"'x{IDS[0]}'" in note and f"'{IDS[0]}'" in note
 
 
 def test_reference_stats_round_trip_and_bad_files(tmp_path):
