@@ -98,6 +98,7 @@ class RunContext:
     model_chunks: list = field(default_factory=list)
     memory_reported: bool = False
     hook_seconds: float = 0.0
+    interval_start: float = 0.0
     _config: Optional[UALMConfig] = None
     _throughput: Optional[UALMThroughput] = None
 
@@ -116,12 +117,20 @@ class RunContext:
         return self._throughput
 
     def interval_seconds(self) -> float:
-        """Training time since the last log line: Megatron's ``interval-time`` timer, which it
-        pauses for checkpoint saves and evaluations (read without resetting it: its own log line
-        resets it), less the time the extensions' hooks took."""
+        """Training time since the last ``[UALM]`` line: Megatron's ``interval-time`` timer, which
+        it pauses for checkpoint saves and evaluations (read without resetting it), less the time
+        the extensions' hooks took."""
         from megatron.training import get_timers
 
-        return get_timers()("interval-time").elapsed(reset=False) - self.hook_seconds
+        return get_timers()("interval-time").elapsed(reset=False) - self.interval_start - self.hook_seconds
+
+    def start_interval(self) -> None:
+        """Marks the start of the next interval, after Megatron's log line: that line resets the
+        timer, except on the run's first iteration (it keeps counting from the start of training)."""
+        from megatron.training import get_timers
+
+        self.interval_start = get_timers()("interval-time").elapsed(reset=False)
+        self.hook_seconds = 0.0
 
     def count_batch(self, batch, model) -> None:
         """Counts one micro-batch for the ``[UALM]`` line (forward steps call it); evaluation's
@@ -218,13 +227,13 @@ def _training_log(ctx: RunContext, original: Callable) -> Callable:
                 ext.after_step(ctx, iteration)
         if logs:
             seconds = ctx.interval_seconds()  # before Megatron's line resets the timer
-            ctx.hook_seconds = 0.0
         if ctx.memory_reported:
             call.arguments["report_memory_flag"] = False
         elif call.arguments.get("report_memory_flag") and logs:
             ctx.memory_reported = True  # Megatron reports at this log line
         result = original(*call.args, **call.kwargs)
         if logs:
+            ctx.start_interval()
             metrics = ctx.throughput().report(seconds)  # a collective over the data-parallel group
             line = " | ".join(f"{k}: {v:.4g}" if "per" in k else f"{k}: {v}" for k, v in metrics.items())
             print_rank_last(f" [UALM] iteration {iteration:8d} | {line}")

@@ -39,7 +39,7 @@ class _Recorder(hooks.TrainingExtension):
 def _context(extensions):
     ctx = hooks.RunContext(argparse.Namespace(log_interval=2, save=None), "test", list(extensions))
     ctx._throughput = _Counts()
-    ctx.interval_seconds = lambda: 10.0 - ctx.hook_seconds  # Megatron's interval timer, outside a run
+    ctx.interval_seconds, ctx.start_interval = lambda: 10.0, lambda: None  # Megatron's timer, outside a run
     return ctx
 
 
@@ -157,7 +157,8 @@ def test_importing_the_package_changes_nothing_outside_it():
 def test_throughput_time_is_megatron_interval_time_without_the_extensions_hooks(monkeypatch):
     """The ``[UALM]`` tokens/s divide by Megatron's ``interval-time`` (which it pauses for saves
     and evaluations, so the line after a checkpoint save is not a fraction of the others), less
-    what the extensions' hooks took (an audio evaluation during training is not training time)."""
+    what the extensions' hooks took (an audio evaluation during training is not training time).
+    Megatron's line resets that timer except on the run's first iteration."""
     import time
 
     from megatron.training import global_vars
@@ -185,21 +186,22 @@ def test_throughput_time_is_megatron_interval_time_without_the_extensions_hooks(
     monkeypatch.setattr(global_vars, "_GLOBAL_TIMERS", lambda name, log_level=None: timer)
 
     def megatron_line(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale, report_memory_flag, *rest):
-        if iteration % 2 == 0:
-            timer.elapsed(reset=True)  # Megatron's line reads and resets the interval timer
+        timer.elapsed(reset=iteration != 1)  # read at each log line, reset except on the first iteration
 
     monkeypatch.setattr(mtraining, "training_log", megatron_line)
-    ctx = hooks.RunContext(argparse.Namespace(log_interval=2, save=None), "test", [_SlowHook()])
+    ctx = hooks.RunContext(argparse.Namespace(log_interval=1, save=None), "test", [_SlowHook()])
     ctx._throughput = counts = _Counts()
     try:
         hooks.install(ctx)
         for iteration in (1, 2, 3, 4):
-            timer.value += 5.0 + (0.3 if iteration == 2 else 0) + (0.2 if iteration == 3 else 0)  # wall time with hooks
+            # the step's 5 s, plus the hooks that ran inside the timer: iteration 2's after_step,
+            # and every after_log, which runs after Megatron's line (so in the next interval)
+            timer.value += 5.0 + (0.3 if iteration == 2 else 0) + (0.2 if iteration > 1 else 0)
             mtraining.training_log({}, {}, 0.1, iteration, 1.0, False)
     finally:
         hooks.uninstall()
-    assert timer.resets == 2
-    assert counts.seconds == pytest.approx([10.0, 10.0], abs=0.05), counts.seconds
+    assert timer.resets == 3
+    assert counts.seconds == pytest.approx([5.0] * 4, abs=0.05), counts.seconds
 
 
 def test_evaluation_micro_batches_are_not_counted_as_training_throughput():
