@@ -16,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -127,14 +128,28 @@ def test_two_task_arrays_and_their_blend_equal_one_task(slurm, tmp_path, request
 def test_a_cancelled_task_rerun_alone_completes_the_set(slurm, tmp_path, capsys, one_task, manifests,
                                                         tokenizer_path, codec_dir):
     out = str(tmp_path / "cancelled")
-    jobs = preprocess_all(slurm, out, family_env(["text"], manifests, tokenizer_path, codec_dir))
+    # Task 1 is held in its job until cancelled: cancelling as soon as Slurm says RUNNING raced the
+    # task (a loaded machine once finished its few shards before the signal landed: COMPLETED work
+    # in a CANCELLED task). The hold is the sbatch's own PYTHON override, so the job is the real one.
+    started, hold = tmp_path / "task1.started", tmp_path / "task1.hold"
+    wrapper = tmp_path / "python_holding_task1"
+    wrapper.write_text(f"""#!/bin/bash
+if [ "${{SLURM_ARRAY_TASK_ID:-}}" = 1 ] && [ -e {hold} ]; then touch {started}; exec sleep 600; fi
+exec {sys.executable} "$@"
+""")
+    wrapper.chmod(0o755)
+    hold.touch()
+    jobs = preprocess_all(slurm, out, dict(family_env(["text"], manifests, tokenizer_path, codec_dir),
+                                           PYTHON=str(wrapper)))
     text, blend = jobs["text"], jobs["blend"]
 
     deadline = time.monotonic() + 120
-    while (state := slurm.jobs(f"{text}_1")[0]["JobState"]) != "RUNNING":
-        assert state == "PENDING" and time.monotonic() < deadline, f"task {text}_1 is {state}, not RUNNING"
-        time.sleep(0.05)
+    while not started.exists():
+        state = slurm.jobs(f"{text}_1")[0]["JobState"]
+        assert state in ("PENDING", "RUNNING") and time.monotonic() < deadline, f"task {text}_1 is {state}"
+        time.sleep(0.1)
     slurm.run("scancel", f"{text}_1")
+    hold.unlink()  # the rerun below runs the tool
     states = {r["ArrayTaskId"]: r["JobState"] for r in slurm.wait(text, timeout=300)}
     assert states == {"0": "COMPLETED", "1": "CANCELLED"}, f"{states}\n{logs(out)}"
     # Its dependency can never be met: Slurm cancels the blend job instead of blending a partial set.
