@@ -12,12 +12,9 @@ cd "$(dirname "$0")/.."
 quick=0
 if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
 bash scripts/setup.sh
-# Two workers, measured on the 2-core CI machine: the full suite in 17.5 min instead of 24.9, the
-# quick tier in 97 s instead of 167, the same CPU time (one worker left a core idle while a test
-# waited on its subprocesses), at most 11 GiB of memory in use (of 24). More than 2 is not measured:
-# the multi-process tests start 2-4 ranks each. The core count is read before OMP_NUM_THREADS=1,
-# which nproc honours.
-cores=$(nproc)
+# Two workers: measured on the 2-core CI machine (README, "Tests run in pytest-xdist workers");
+# more are not measured. nproc obeys OMP_NUM_THREADS / OMP_THREAD_LIMIT, so it reads the cores without them.
+cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 workers=${UALM_TEST_WORKERS:-$(( cores < 2 ? 1 : 2 ))}
 export TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [ "$quick" = 1 ]; then
