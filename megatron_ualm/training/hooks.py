@@ -229,8 +229,8 @@ def _training_log(ctx: RunContext, original: Callable) -> Callable:
             seconds = ctx.interval_seconds()  # before Megatron's line resets the timer
         if ctx.memory_reported:
             call.arguments["report_memory_flag"] = False
-        elif call.arguments.get("report_memory_flag") and logs:
-            ctx.memory_reported = True  # Megatron reports at this log line
+        elif call.arguments.get("report_memory_flag") and (logs or call.arguments.get("is_first_iteration")):
+            ctx.memory_reported = True  # Megatron prints a line, its memory block with it, here
         result = original(*call.args, **call.kwargs)
         if logs:
             ctx.start_interval()

@@ -87,25 +87,33 @@ def test_a_dpo_run_leaves_nothing_for_the_next_run(monkeypatch, capsys):
 
 def test_megatron_reports_memory_once_per_run(monkeypatch):
     """Megatron repeats its memory block until the iteration passes the loaded checkpoint's (every
-    log line of a fine-tuning run that starts from iteration N of another run): once is enough."""
+    log line of a fine-tuning run that starts from iteration N of another run): once is enough.
+    Its first line is the first iteration's, whatever the log interval."""
     from megatron.training import training as mtraining
 
-    flags = []
+    printed = []
 
     def megatron_line(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale, report_memory_flag, *rest,
-                      pg_collection=None):
-        flags.append(report_memory_flag)
+                      pg_collection=None, is_first_iteration=False):
+        if report_memory_flag and (iteration % 2 == 0 or is_first_iteration):  # Megatron's own condition
+            printed.append(iteration)
         return report_memory_flag  # Megatron keeps asking while the loaded iteration is ahead
 
     monkeypatch.setattr(mtraining, "training_log", megatron_line)
     try:
-        for run in range(2):  # each run reports once
+        for first in (1, 4):  # a fresh run, then one resumed after iteration 3
             hooks.install(_context([]))
             flag = True
-            for iteration in range(1, 6):
-                flag = mtraining.training_log({}, {}, 0.1, iteration, 1.0, flag, 0, pg_collection=None)
-            assert flags == [True, True, False, False, False], flags  # reported at iteration 2, the first log line
-            flags.clear()
+            for iteration in range(first, first + 5):
+                flag = mtraining.training_log({}, {}, 0.1, iteration, 1.0, flag, 0, pg_collection=None,
+                                              is_first_iteration=iteration == first)
+            assert printed == [first], printed  # once, at the run's first iteration
+            printed.clear()
+        hooks.install(_context([]))  # a caller that never says which iteration is first
+        flag = True
+        for iteration in range(1, 6):
+            flag = mtraining.training_log({}, {}, 0.1, iteration, 1.0, flag, 0, pg_collection=None)
+        assert printed == [2], printed  # the first log line
     finally:
         hooks.uninstall()
 
