@@ -193,6 +193,36 @@ class _TorchWithCudaPresent:
         return getattr(torch, name)
 
 
+def _resident_mb() -> tuple[float, float]:
+    """This process's resident set size now and at its peak, in MiB (Linux; 0 where unknown)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    try:
+        with open("/proc/self/statm") as statm:
+            now = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024.0**2
+    except (OSError, ValueError, IndexError):
+        now = 0.0
+    return now, peak
+
+
+def _report_host_memory(name, process_group=None):
+    """``megatron.training``'s ``report_memory`` for a CPU run: the host memory of the process.
+
+    The original prints CUDA allocator counters, all 0.00 without CUDA; the same line (rank 0 of
+    the data-parallel group, the same moments) gives the resident memory instead.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_pg_rank
+
+    dp_rank = get_pg_rank(process_group) if process_group is not None else (
+        parallel_state.get_data_parallel_rank())
+    if dp_rank == 0:
+        now, peak = _resident_mb()
+        print(f"[Rank {torch.distributed.get_rank()}] {name} host memory (MB) | resident: {now:.0f}"
+              f" | peak resident: {peak:.0f}", flush=True)
+
+
 def apply_training() -> None:
     """Also shims ``megatron.training`` (the Megatron-LM loop) for CPU; a no-op with CUDA.
 
@@ -211,6 +241,13 @@ def apply_training() -> None:
     # satisfy that demand, which is meaningless without CUDA streams.
     arguments.get_device_arch_version = lambda: 9
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+    # The loop reports memory after its first iterations and around the first saves with CUDA
+    # allocator counters (``training.report_memory``, imported there by name); on the CPU they
+    # read 0.00, so the same lines report the process's resident memory.
+    from megatron.training import training
+
+    training.report_memory = _report_host_memory
 
     # Without apex or TE, the distributed optimizer wraps torch's Adam, whose state is empty
     # until the first step; DistributedOptimizer.state_dict() then asserts on the missing
