@@ -22,7 +22,13 @@ CONFIG=${CONFIG:-examples/post_training/configs/debug_cpu.sh}
 source "$CONFIG"
 _PORT=$((20000 + ${SLURM_JOB_ID:-$$} % 20000))
 
-step() { echo; echo "== $* ($(date +%T))"; }
+# Each step is a new process; without Transformer Engine / Apex (the CPU demo) the first one says
+# so (megatron_ualm/compat/quiet.py), and the variable keeps the later ones from repeating it.
+step() {
+  echo; echo "== $* ($(date +%T))"
+  if [ -n "${_UALM_STEPPED:-}" ]; then export UALM_FALLBACK_NOTICE_SHOWN=1; fi
+  _UALM_STEPPED=1
+}
 
 # shellcheck source=examples/slurm/launch.sh
 source examples/slurm/launch.sh

@@ -23,6 +23,8 @@ _SUMMARY = ("[megatron_ualm] Transformer Engine / Apex not installed: Megatron-C
 _state = {"installed": False, "said": False}
 
 
+# Set by the first process that prints the notice, for the processes it starts; a script that
+# runs many (the post-training recipes) sets it after its first step.
 _SAID_ENV = "UALM_FALLBACK_NOTICE_SHOWN"
 
 

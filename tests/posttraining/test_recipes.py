@@ -7,6 +7,7 @@ Sizes come from the environment (the config reads them), kept small so the run t
 minutes on two cores.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -67,6 +68,8 @@ def test_log_holds_what_a_person_acts_on(recipe):
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(w, stage, "tb")))
         assert os.path.isfile(os.path.join(w, stage, "loss.png"))
     assert log.count("Theoretical memory footprints") == 3  # pretraining, adaptation, DPO: once each
+    if importlib.util.find_spec("transformer_engine") is None:  # the fallback notice: the first step's only
+        assert log.count("Transformer Engine / Apex not installed") == 1, log.count("Transformer Engine / Apex")
     assert len(log.splitlines()) < 1200, len(log.splitlines())
 
 
