@@ -4,7 +4,8 @@ Megatron's loop is extended first through what it takes as arguments: the model 
 datasets provider and the forward step (``training.providers``; each receives this run's
 ``RunContext``), the extra-arguments provider, and ``args``, which every checkpoint stores (the
 model description travels there). Four things UALM needs have no such hook in Megatron-Core
-0.19, so this module wraps the Megatron functions below; it is the only place that does:
+0.19, so this module wraps the Megatron functions below; it is the only place that does (apart
+from ``compat/cpu.py``'s shims for a machine without CUDA, none of which is installed on a GPU):
 
 1. ``training.training_log``: the loop calls it on every rank after each optimizer step and
    offers no per-iteration callback, so the ``[UALM]`` throughput line and the extensions' work
