@@ -9,7 +9,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ualm_tes
 
 import pytest
 
-from megatron_ualm.compat import cpu as cpu_compat
+from megatron_ualm.compat import quiet
+
+quiet.install()  # before torch is imported: its "No CUDA runtime" log line would end pytest's output
+
+from megatron_ualm.compat import cpu as cpu_compat  # noqa: E402  (imports torch)
 
 cpu_compat.apply()
 
