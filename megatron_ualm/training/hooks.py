@@ -47,7 +47,7 @@ from typing import Any, Callable, Optional, Type, TypeVar
 
 from megatron_ualm.config import UALMConfig, config_from_megatron_args
 from megatron_ualm.training import atomic_saves
-from megatron_ualm.training.metrics import UALMThroughput, append_metrics
+from megatron_ualm.training.metrics import UALMThroughput, append_metrics, format_metrics
 
 
 class TrainingExtension:
@@ -236,8 +236,7 @@ def _training_log(ctx: RunContext, original: Callable) -> Callable:
         if logs:
             ctx.start_interval()
             metrics = ctx.throughput().report(seconds)  # a collective over the data-parallel group
-            line = " | ".join(f"{k}: {v:.4g}" if "per" in k else f"{k}: {v}" for k, v in metrics.items())
-            print_rank_last(f" [UALM] iteration {iteration:8d} | {line}")
+            print_rank_last(f" [UALM] iteration {iteration:8d} | {format_metrics(metrics)}")
             writer = get_tensorboard_writer()
             if writer is not None:
                 for k, v in metrics.items():

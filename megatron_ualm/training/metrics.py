@@ -107,6 +107,18 @@ class UALMThroughput:
         return out
 
 
+def format_metrics(metrics: dict) -> str:
+    """The ``[UALM]`` line's text: tokens/s as a whole number at any size (``10320``, not
+    ``1.032e+04``), the other rates to 4 significant digits, counts as they are."""
+
+    def value(key, v):
+        if key.startswith("tokens_per_"):
+            return f"{v:.0f}"
+        return f"{v:.4g}" if "_per_" in key else str(v)
+
+    return " | ".join(f"{k}: {value(k, v)}" for k, v in metrics.items())
+
+
 def append_metrics(save_dir: str, row: dict) -> None:
     """Appends one row to ``<save>/metrics.jsonl`` (the last rank writes; one run per directory).
 
