@@ -38,6 +38,8 @@ import os
 import sys
 from typing import Optional
 
+from megatron_ualm.launch import program_name
+
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 BACKBONE_FLAGS = {
@@ -65,7 +67,7 @@ def _add_backbones(p: argparse.ArgumentParser, names=tuple(BACKBONE_FLAGS)) -> N
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     from megatron_ualm.inference.checkpoint import add_model_args
 
-    p = argparse.ArgumentParser(prog="python -m megatron_ualm.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog=program_name(), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="task", required=True,
                            metavar="{reference,generation,understanding,text,tiny-backbones}")

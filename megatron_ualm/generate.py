@@ -37,11 +37,13 @@ import os
 import sys
 from typing import Optional
 
+from megatron_ualm.launch import program_name
+
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m megatron_ualm.generate", description=__doc__,
+    p = argparse.ArgumentParser(prog=program_name(), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--load", help="Megatron distributed checkpoint (a --save root or one iter_*/release dir); "

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_ualm.launch import program_name
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_ualm.quickstart", description=__doc__,
+    parser = argparse.ArgumentParser(prog=program_name(), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/quickstart", help="where corpus, shards and blend go")
     parser.add_argument("--num-text", type=int, default=600, help="text records")

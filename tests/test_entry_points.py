@@ -43,7 +43,7 @@ EXPECTED = {
 
 
 def _programs():
-    """(id, argv, expected) for every program of the repository."""
+    """(id, argv, expected, program name) for every program of the repository."""
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
     out = []
@@ -51,14 +51,14 @@ def _programs():
         module, func = target.split(":")
         code = f"import sys; from {module} import {func} as main; sys.argv = [{name!r}, '--help']; sys.exit(main())"
         key = module if module in EXPECTED else func.removesuffix("_main")
-        out.append((name, [sys.executable, "-c", code], key))
+        out.append((name, [sys.executable, "-c", code], key, name))
     for tool in sorted(os.listdir(os.path.join(ROOT, "tools"))):
         if tool.endswith(".py"):
-            out.append((f"tools/{tool}", [sys.executable, os.path.join(ROOT, "tools", tool), "--help"], tool[:-3]))
+            out.append((f"tools/{tool}", [sys.executable, os.path.join(ROOT, "tools", tool), "--help"], tool[:-3], tool))
     for module in ("pretrain", "generate", "quickstart", "finetune", "dpo", "evaluate", "conversion"):
         if os.path.exists(os.path.join(ROOT, "megatron_ualm", f"{module}.py")) or module == "conversion":
             out.append((f"-m megatron_ualm.{module}", [sys.executable, "-m", f"megatron_ualm.{module}", "--help"],
-                        f"megatron_ualm.{module}"))
+                        f"megatron_ualm.{module}", f"python -m megatron_ualm.{module}"))
     return out
 
 
@@ -72,7 +72,7 @@ def helps():
     env.pop("UALM_FALLBACK_NOTICE_SHOWN", None)  # set by this pytest process's own import
 
     def run(item):
-        _, argv, _ = item
+        argv = item[1]
         return subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd="/")
 
     with ThreadPoolExecutor(2) as pool:
@@ -87,6 +87,13 @@ def test_help_exits_zero_with_its_options(helps, name, key):
     assert key in EXPECTED, f"add {key!r} to EXPECTED with an option only its help prints"
     assert EXPECTED[key] in proc.stdout, f"{name} --help does not show {EXPECTED[key]}:\n{proc.stdout[:2000]}"
     assert re.search(r"usage:", proc.stdout)
+
+
+@pytest.mark.parametrize("name,prog", [(p[0], p[3]) for p in PROGRAMS], ids=[p[0] for p in PROGRAMS])
+def test_usage_names_the_program_as_it_was_started(helps, name, prog):
+    """``ualm-generate`` says ``usage: ualm-generate``, not another way to start it."""
+    out = helps[name].stdout
+    assert re.search(rf"^usage: {re.escape(prog)}\s", out, re.M), f"{name}: {out[:300]}"
 
 
 def test_pretrain_help_has_the_ualm_group(helps):

@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from megatron_ualm.launch import program_name
+
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
@@ -39,7 +41,7 @@ def _overrides(items: List[str]) -> Dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="convert_checkpoint",
+        prog=program_name(),
         description="Convert Hugging Face Qwen2.5 (+ audio encoder) checkpoints into UALM Megatron "
         "torch_dist checkpoints (import) and back (export). Tensors stream one layer at a time.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

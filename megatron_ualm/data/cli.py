@@ -21,6 +21,7 @@ from megatron_ualm.data.families import FAMILIES
 from megatron_ualm.data.sources import add_corpus_arguments
 from megatron_ualm.data.tasks import add_task_arguments
 from megatron_ualm.files import atomic_json, atomic_write
+from megatron_ualm.launch import program_name
 
 
 _EPILOG = """
@@ -273,7 +274,7 @@ def _root(args) -> str:
 def preprocess_text_main(argv: Optional[Sequence[str]] = None) -> int:
     """Text-reasoning family: plain text and chat records -> token shards."""
     parser = argparse.ArgumentParser(
-        prog="preprocess_text",
+        prog=program_name(),
         description="Tokenise text records into UALM token shards (the text family). A record is "
                     '{"text": "..."} (one trained assistant message) or {"messages": [{"role": '
                     '"system|user|assistant", "content": "..."}]} (a chat; loss on assistant turns).',
@@ -292,7 +293,7 @@ def preprocess_text_main(argv: Optional[Sequence[str]] = None) -> int:
 def preprocess_generation_main(argv: Optional[Sequence[str]] = None) -> int:
     """Generation family: audio clip + caption -> caption tokens and codec codes."""
     parser = argparse.ArgumentParser(
-        prog="preprocess_generation",
+        prog=program_name(),
         description="Encode text-to-audio records into UALM token shards (the generation family). "
                     'A record is {"audio": path|bytes, "start": s, "end": s, "caption": "...", '
                     '"rich_caption": {"keywords", "layout", "description"}} or carries precomputed '
@@ -322,7 +323,7 @@ def preprocess_generation_main(argv: Optional[Sequence[str]] = None) -> int:
 def preprocess_understanding_main(argv: Optional[Sequence[str]] = None) -> int:
     """Understanding family: audio clip + conversation -> text tokens and stored audio."""
     parser = argparse.ArgumentParser(
-        prog="preprocess_understanding",
+        prog=program_name(),
         description="Store audio-understanding records as UALM token shards (the understanding family). "
                     'A record (Audio Flamingo 3 style) is {"sound"|"audio": path|bytes, "start": s, "end": s, '
                     '"conversations": [{"from": "human", "value": "<sound>\\nQuestion"}, {"from": "gpt", '
@@ -359,7 +360,7 @@ def _no_such_paths(paths: Sequence[str]) -> bool:
 def build_blend_main(argv: Optional[Sequence[str]] = None) -> int:
     """Writes the pretraining blend from shard sidecars and prints the mixture table."""
     parser = argparse.ArgumentParser(
-        prog="build_blend",
+        prog=program_name(),
         description="Build the UALM pretraining blend from shard sidecars. Each shard's weight is its "
                     "token count times its family's up-sampling factor (understanding 1x, generation 2x, "
                     "text 1x by default, as in the paper). Writes a blend JSON (read by "
@@ -403,7 +404,7 @@ def build_blend_main(argv: Optional[Sequence[str]] = None) -> int:
 def inspect_shards_main(argv: Optional[Sequence[str]] = None) -> int:
     """Prints samples and statistics of shards, and validates them."""
     parser = argparse.ArgumentParser(
-        prog="inspect_shards",
+        prog=program_name(),
         description="Inspect UALM shards: print records as readable interleaved text/audio "
                     "(<audio-in 12.0 s>, <audio-out 250 frames x 8>), print statistics, and validate "
                     "(index offsets, value ranges, stream alignment, sidecar consistency, and that every task "
@@ -470,21 +471,20 @@ def inspect_shards_main(argv: Optional[Sequence[str]] = None) -> int:
 # ---------------------------------------------------------------------------------------------
 # The post-training data tools (chat shards for SFT, preference shards for DPO).
 
-def _post_training_tool(argv: Optional[Sequence[str]], prog: str, family: str, description: str, converter_class: str,
+def _post_training_tool(argv: Optional[Sequence[str]], family: str, description: str, converter_class: str,
                add_args: Callable[[argparse.ArgumentParser], None] = lambda parser: None,
                converter_kwargs: Callable[[argparse.Namespace], dict] = lambda args: {}) -> int:
     """A post-training data tool (chat, preferences): the shared flags, both audio groups, the runner.
 
     Args:
         argv: the command line (None: ``sys.argv``).
-        prog: the program name.
         family: shard family and default ``--name``.
         description: ``--help`` text.
         converter_class: the converter's name in ``megatron_ualm.data`` (``chat.ChatConverter``).
         add_args: the tool's own flags.
         converter_kwargs: the tool's own converter arguments (may raise ``UsageError``).
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=_EPILOG,
+    parser = argparse.ArgumentParser(prog=program_name(), description=description, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(parser, 1000)
     _audio_root(parser)
@@ -531,7 +531,7 @@ def _loss_flag(parser: argparse.ArgumentParser) -> None:
 def preprocess_chat_main(argv: Optional[Sequence[str]] = None) -> int:
     """Chat and UALM-Reason records -> ``chat`` shards for ``python -m megatron_ualm.finetune``."""
     return _post_training_tool(
-        argv, "preprocess_chat", "chat",
+        argv, "chat",
         "Turn SFT conversations into UALM token shards (the chat family). A record is "
         '{"messages": [{"role": "system|user|assistant", "content": "..." | "audio": path | '
         '"codes": [[...]], "loss": bool, "condition": bool, "part": name}, ...]} (audio in a user turn '
@@ -548,7 +548,7 @@ def preprocess_chat_main(argv: Optional[Sequence[str]] = None) -> int:
 def preprocess_preferences_main(argv: Optional[Sequence[str]] = None) -> int:
     """Preference manifest (prompt, chosen, rejected) -> ``preference`` shards for ``python -m megatron_ualm.dpo``."""
     return _post_training_tool(
-        argv, "preprocess_preferences", "preference",
+        argv, "preference",
         "Turn a DPO preference manifest into paired UALM shards (the preference family). A record is "
         '{"prompt": "text" | [chat messages], "chosen": <response>, "rejected": <response>} where a '
         'response is text, one message ({"content"}, {"audio": path} or {"codes": [[...]]}) or a list '

@@ -61,6 +61,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from megatron_ualm.files import atomic_write, jsonl_text
+from megatron_ualm.launch import program_name
 from megatron_ualm.posttraining import jobs
 from megatron_ualm.progress import progress_bar
 
@@ -501,7 +502,7 @@ def describe(summary: dict, out: str) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     from megatron_ualm.inference.checkpoint import add_model_args, check_model_args
 
-    p = argparse.ArgumentParser(prog="make_preference_pairs", description=__doc__,
+    p = argparse.ArgumentParser(prog=program_name(), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("prompts and outputs")
     g.add_argument("--prompts", nargs="+", required=True,

@@ -28,6 +28,7 @@ import shlex
 from typing import Optional, Sequence
 
 from megatron_ualm.files import atomic_write, jsonl_text
+from megatron_ualm.launch import program_name
 
 def reason_records(clips: Sequence[tuple[str, str]]) -> list[dict]:
     """Enrichment and dialogue records (alternating) over ``(clip path, caption)`` pairs."""
@@ -61,7 +62,7 @@ def write_inputs(workdir: str, clips: Sequence[tuple[str, str]], num_prompts: in
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_ualm.posttraining.recipes", description=__doc__,
+    parser = argparse.ArgumentParser(prog=program_name(), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="where the corpus, tiny models, inputs and paths.sh go")
     parser.add_argument("--num-text", type=int, default=80, help="text records of the pretraining corpus")

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from megatron_ualm.files import atomic_write, jsonl_text, read_jsonl
+from megatron_ualm.launch import program_name
 from megatron_ualm.posttraining import jobs
 from megatron_ualm.progress import progress_bar
 
@@ -407,7 +408,7 @@ def assemble(args, plans: Sequence[PlanRecord], first: dict, critiques: dict, re
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     from megatron_ualm.inference.checkpoint import add_model_args, check_model_args
 
-    p = argparse.ArgumentParser(prog="build_reflection_data", description=__doc__,
+    p = argparse.ArgumentParser(prog=program_name(), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("records and outputs")
     g.add_argument("--input", nargs="+", required=True,

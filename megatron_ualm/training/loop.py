@@ -35,6 +35,7 @@ import torch
 from megatron_ualm.compat import cpu as cpu_compat
 from megatron_ualm.compat import megatron_fixes, quiet
 from megatron_ualm.errors import CheckpointError
+from megatron_ualm.launch import program_name
 from megatron_ualm.training import checks, exit_guard, hooks, providers
 from megatron_ualm.training.arguments import BaseModel, add_ualm_args, base_model
 
@@ -122,7 +123,7 @@ def _parse(entry: TrainingEntry, extensions: list, base: BaseModel, argv: Sequen
     thousand lines) is kept on ``args.ualm_argument_dump`` for the run's directory, not printed."""
     from megatron.training.arguments import parse_and_validate_args
 
-    sys.argv = ([f"python -m megatron_ualm.{entry.name}", "--flavor", base.flavor] + base.argv + _device_argv()
+    sys.argv = ([program_name(), "--flavor", base.flavor] + base.argv + _device_argv()
                 + _console_argv() + list(argv))
     # The level Megatron applies once initialised, applied now: parsing and the checks log too.
     level = argparse.ArgumentParser(add_help=False)
