@@ -1,14 +1,14 @@
-"""``convert_checkpoint``: Hugging Face Qwen2.5 (+ audio encoder) <-> UALM Megatron checkpoints.
+"""``tools/convert_checkpoint.py`` (``ualm-convert-checkpoint``): Hugging Face Qwen2.5 (+ audio encoder) <-> UALM Megatron checkpoints.
 
 Examples::
 
     # HF Qwen2.5-7B-Instruct + AF-Whisper encoder -> UALM checkpoint for TP=4, PP=2 (--load it)
-    convert_checkpoint import --hf-dir Qwen2.5-7B-Instruct --audio-encoder af-whisper \\
+    python tools/convert_checkpoint.py import --hf-dir Qwen2.5-7B-Instruct --audio-encoder af-whisper \\
         --codec hf-audio/xcodec-hubert-general --tensor-model-parallel-size 4 \\
         --pipeline-model-parallel-size 2 --output ckpt/ualm-7b-init
 
     # UALM checkpoint (any TP/PP) -> HF Qwen2ForCausalLM + audio parts
-    convert_checkpoint export --load ckpt/ualm-7b --tokenizer Qwen2.5-7B-Instruct --output hf/ualm-7b
+    python tools/convert_checkpoint.py export --load ckpt/ualm-7b --tokenizer Qwen2.5-7B-Instruct --output hf/ualm-7b
 """
 
 from __future__ import annotations
