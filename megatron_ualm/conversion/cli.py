@@ -1,4 +1,5 @@
-"""``tools/convert_checkpoint.py`` (``ualm-convert-checkpoint``): Hugging Face Qwen2.5 (+ audio encoder) <-> UALM Megatron checkpoints.
+"""Hugging Face Qwen2.5 (+ audio encoder) <-> UALM Megatron checkpoints: ``tools/convert_checkpoint.py``
+(also ``ualm-convert-checkpoint``).
 
 Examples::
 
