@@ -12,7 +12,7 @@ causes nobody has met yet.)
 
 ``install()`` chains a ``sys.excepthook``: on an uncaught exception it prints the traceback as
 usual and arms ``SIGALRM`` (default action: terminate) for ``UALM_EXIT_GRACE_SECONDS`` (default
-60). A clean exit is much faster; one that is stuck is ended by the kernel, Python state
+60); ``arm()`` does the same for an exit the loop chose (an interrupted run). A clean exit is much faster; one that is stuck is ended by the kernel, Python state
 notwithstanding, and the launcher sees the rank fail.
 """
 
@@ -36,20 +36,33 @@ def grace_seconds() -> int:
             from None
 
 
+def arm(cause: str, quiet: bool = False) -> None:
+    """Ends this process ``UALM_EXIT_GRACE_SECONDS`` from now if its exit has not (0: never).
+
+    Args:
+        cause: what ends the process, for the line that says so on stderr.
+        quiet: no line (a caller that prints its own).
+    """
+    grace = grace_seconds()
+    if not grace:
+        return
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(grace)
+    if not quiet:
+        rank = os.environ.get("RANK", "0")
+        print(f"[rank{rank}] exiting after {cause}; forced in {grace} s if the exit hangs ({GRACE_VARIABLE})",
+              file=sys.stderr, flush=True)
+
+
 def install() -> None:
     """Arms the exit deadline on every uncaught exception of this process (idempotent)."""
     previous = sys.excepthook
     if getattr(previous, "_ualm_exit_guard", False):
         return
-    grace = grace_seconds()
+    grace_seconds()  # a bad value fails now, not in the hook
 
     def excepthook(kind, value, traceback) -> None:
-        if grace:
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
-            signal.alarm(grace)
-            rank = os.environ.get("RANK", "0")
-            print(f"[rank{rank}] exiting after {kind.__name__}; forced in {grace} s if the exit hangs "
-                  f"({GRACE_VARIABLE})", file=sys.stderr, flush=True)
+        arm(kind.__name__)
         previous(kind, value, traceback)
 
     excepthook._ualm_exit_guard = True

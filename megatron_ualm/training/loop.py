@@ -205,6 +205,30 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def _interrupted(args: argparse.Namespace) -> None:
+    """Ctrl-C (SIGINT to the job's processes): one line on the first rank, naming what a rerun
+    resumes from, instead of every rank's traceback; exit status 130, as a shell gives.
+
+    A save the signal cut short stays an ``iter_N.partial`` folder that nothing loads
+    (``atomic_saves``); the tracker still names the last complete checkpoint.
+    """
+    from megatron_ualm.checkpoint_format import read_tracker
+
+    exit_guard.arm("SIGINT", quiet=True)  # data-loader workers, a save's threads: a bounded exit here too
+    if os.environ.get("RANK", "0") == "0":
+        folder = read_tracker(args.save) if args.save else None
+        if not args.save:
+            where = "nothing was saved (no --save)"
+        elif folder is None:
+            where = f"no checkpoint in {args.save} yet"
+        elif os.path.abspath(args.load or "") == os.path.abspath(args.save):
+            where = f"the last checkpoint is {args.save}/{folder}; the same command resumes from it"
+        else:
+            where = f"the last checkpoint is {args.save}/{folder}; resume with --load {args.save}"
+        print(f"interrupted (SIGINT): {where}", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
 def _bind(ctx: hooks.RunContext, function: Callable) -> Callable:
     """``function`` with the run's context as its first argument (Megatron's attributes kept)."""
     bound = functools.partial(function, ctx)
@@ -267,6 +291,8 @@ def run(entry: TrainingEntry, argv: Optional[Sequence[str]] = None) -> None:
     try:
         pretrain(cfg, _bind(ctx, entry.datasets_provider), ModelType.encoder_or_decoder, _bind(ctx, entry.forward_step),
                  model_provider=_bind(ctx, entry.model_provider))
+    except KeyboardInterrupt:
+        _interrupted(args)
     finally:
         hooks.uninstall()
         if lock is not None:

@@ -171,15 +171,14 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(reference, tmp_pat
     assert rows[6]["lm loss"] == losses(reference)[6]["lm loss"]
 
 
-def test_sigterm_to_the_whole_job_saves_and_exits(tmp_path):
-    """What Slurm does at a requeue or a time limit: SIGTERM to every process of the step, data
-    workers and Megatron's checkpoint-writer manager included. With --exit-signal-handler the run
-    saves the iteration it is at and exits 0 (signalled after a first save, so the writer's
-    manager process exists)."""
+def _signal_a_long_run(tmp_path, sig: int, *flags: str):
+    """Starts a 500-iteration run by hand (its own session, one data worker), sends ``sig`` to all
+    its processes after iteration 4 (one save done, so the writer's manager process exists), and
+    returns (save directory, log file, exit status)."""
     save, log = str(tmp_path / "ckpt"), str(tmp_path / "run.log")
     cmd = [sys.executable, "-m", "megatron_ualm.pretrain", *COMMON[:COMMON.index("--train-iters")],
            "--train-iters", "500", *COMMON[COMMON.index("--train-iters") + 2:], "--save", save,
-           "--num-workers", "1", "--exit-signal-handler"]
+           "--num-workers", "1", *flags]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=dict(env, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1"), stdout=out,
@@ -188,12 +187,37 @@ def test_sigterm_to_the_whole_job_saves_and_exits(tmp_path):
     while "iteration        4/" not in open(log).read():
         assert proc.poll() is None and time.time() < deadline, open(log).read()[-4000:]
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, open(log).read()[-4000:]
+    os.killpg(proc.pid, sig)
+    try:
+        return save, log, proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the run did not exit within 120 s of the signal:\n{open(log).read()[-4000:]}")
+
+
+def test_sigterm_to_the_whole_job_saves_and_exits(tmp_path):
+    """What Slurm does at a requeue or a time limit: SIGTERM to every process of the step, data
+    workers and Megatron's checkpoint-writer manager included. With --exit-signal-handler the run
+    saves the iteration it is at and exits 0."""
+    save, log, status = _signal_a_long_run(tmp_path, signal.SIGTERM, "--exit-signal-handler")
+    assert status == 0, open(log).read()[-4000:]
     assert "exiting program after receiving SIGTERM" in open(log).read()
     with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
         iteration = int(f.read())
     assert 4 <= iteration < 500 and os.path.isdir(os.path.join(save, f"iter_{iteration:07d}"))
+
+
+def test_ctrl_c_ends_the_run_in_one_line_naming_what_resumes(tmp_path):
+    """SIGINT to the run's processes (Ctrl-C in a terminal): exit status 130 and one line that
+    names the last checkpoint and how to resume, not a traceback from the middle of a step."""
+    save, log, status = _signal_a_long_run(tmp_path, signal.SIGINT, "--load", str(tmp_path / "ckpt"))
+    text = open(log).read()
+    assert status == 130, text[-4000:]
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
+        folder = f"iter_{int(f.read()):07d}"
+    assert os.path.isdir(os.path.join(save, folder))
+    line = f"interrupted (SIGINT): the last checkpoint is {save}/{folder}; the same command resumes from it"
+    assert text.count(line) == 1 and "Traceback" not in text, text[-4000:]
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
