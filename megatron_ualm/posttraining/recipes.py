@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 from megatron_ualm.files import atomic_write, jsonl_text
 from megatron_ualm.launch import program_name
 
+
 def reason_records(clips: Sequence[tuple[str, str]]) -> list[dict]:
     """Enrichment and dialogue records (alternating) over ``(clip path, caption)`` pairs."""
     out = []
