@@ -12,8 +12,9 @@ causes nobody has met yet.)
 
 ``install()`` chains a ``sys.excepthook``: on an uncaught exception it prints the traceback as
 usual and arms ``SIGALRM`` (default action: terminate) for ``UALM_EXIT_GRACE_SECONDS`` (default
-60); ``arm()`` does the same for an exit the loop chose (an interrupted run). A clean exit is much faster; one that is stuck is ended by the kernel, Python state
-notwithstanding, and the launcher sees the rank fail.
+60); ``arm()`` does the same for an exit the loop chose (an interrupted run). A clean exit is
+much faster; one that is stuck is ended by the kernel, Python state notwithstanding, and the
+launcher sees the rank fail.
 """
 
 from __future__ import annotations
