@@ -1,13 +1,34 @@
 """Shared test set-up: CPU shims before anything touches Megatron, one parallel state, and the
 scheduling that ``pytest -n N --dist loadfile`` (scripts/run_tests.sh) runs the suite under."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ualm_testing.py, for every test file
 
-import pytest
+
+def _own_tmpdir() -> None:
+    """Gives the programs the tests start one TMPDIR for the whole run, removed when it ends.
+
+    Every torchrun leaves a ``torchelastic_*`` folder in TMPDIR, and a killed child its
+    ``pymp-*``: without this, each run of the suite would leave a few hundred in /tmp. The process
+    that starts the run (xdist's controller, or pytest alone) makes the folder; xdist's workers
+    inherit it through the environment. pytest's own ``tmp_path`` folders stay in the system's
+    temporary folder (resolved before TMPDIR changes), where pytest keeps the last three runs."""
+    if os.environ.get("UALM_TESTS_TMPDIR"):
+        return
+    root = tempfile.mkdtemp(prefix="ualm-tests-", dir=tempfile.gettempdir())  # gettempdir() caches it
+    os.environ["UALM_TESTS_TMPDIR"] = os.environ["TMPDIR"] = root
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+
+
+_own_tmpdir()
+
+import pytest  # noqa: E402
 
 from megatron_ualm.compat import quiet
 
