@@ -172,7 +172,9 @@ def load_audio(
     except RecordError:
         raise
     except Exception as err:  # libsndfile reports every decode failure as a generic error
-        raise RecordError(f"cannot decode audio {name}: {err}", field) from None
+        # Its own text without its prefix, which names the file object (<_io.BytesIO object at 0x...>).
+        reason = getattr(err, "error_string", None) or str(err)
+        raise RecordError(f"cannot decode audio {name}: {reason}", field) from None
     if data.shape[0] == 0:
         raise RecordError(f"audio {name} has no samples in the requested range", field)
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]

@@ -18,7 +18,8 @@ from abc import ABC, abstractmethod
 from typing import Any, Iterator, Optional, Sequence
 
 from megatron_ualm.data.errors import RecordError
-from megatron_ualm.data.sources.fields import FieldError, FieldMap, MappingMiss, assemble, available_fields
+from megatron_ualm.data.sources.fields import (TEXT_TARGETS, FieldError, FieldMap, MappingMiss, assemble,
+                                               available_fields)
 from megatron_ualm.data.sources.layout import Layout, Unit
 
 AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus")
@@ -253,13 +254,26 @@ class Corpus(ABC):
         return self.fields
 
     def record(self, where: Any) -> dict:
-        """The family's record: the default record with the mapping applied, then assembled."""
+        """The family's record: the default record with the mapping applied, then assembled.
+
+        Raises:
+            MappingMiss: no mapping names the family's text (``TEXT_TARGETS``) and the sample has
+                none under those names: a run whose first record this is stops (``check_mapping``).
+            RecordError: no audio, or what ``assemble`` finds.
+        """
         view, record, what = self.view(where)
-        record = self.mapping().apply(view, record, what)
+        mapping = self.mapping()
+        record = mapping.apply(view, record, what)
+        fields = ", ".join(available_fields(view)) or "none"
         if self.family in self.needs_audio and all(record.get(k) is None for k in ("audio", "sound", "codes")):
-            raise RecordError(f"is missing: {what} has no audio; its fields are: "
-                              f"{', '.join(available_fields(view)) or 'none'} (map one with --field audio=...)",
-                              "audio")
+            raise RecordError(f"is missing: {what} has no audio; its fields are: {fields} (map one with "
+                              "--field audio=...)", "audio")
+        if self.family in TEXT_TARGETS:
+            targets, needed, example = TEXT_TARGETS[self.family]
+            if all(record.get(t) is None and mapping.get(t) is None for t in targets):
+                raise MappingMiss(f"no --field maps the {needed} and {what} has no field named "
+                                  f"{' or '.join(targets)}; its fields are: {fields} (map one, e.g. {example}, or "
+                                  "choose a --preset)", targets[0])
         return assemble(record, self.family)
 
 

@@ -1,7 +1,7 @@
 """Field mapping: which field of a corpus sample holds the caption, the transcript, the clip span.
 
 A mapping is ``TARGET=EXPRESSION`` (``--field caption=json.caption``). The target is a field
-of the record the family's converter reads (``megatron_ualm.data.records``): ``audio``,
+of the record the family's converter reads (``megatron_ualm.data.records``; ``TARGETS``): ``audio``,
 ``start``, ``end``, ``caption``, ``rich_caption``, ``codes`` (generation); ``audio``,
 ``start``, ``end``, ``conversations`` / ``messages``, or ``question`` + ``answer`` from which a
 one-turn conversation is built (understanding); ``transcript`` (a caption for generation, an
@@ -23,6 +23,7 @@ corpora; ``--fields-file`` holds a JSON object of mappings; ``--field`` flags ov
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -41,6 +42,25 @@ class MappingMiss(RecordError):
 class NotFound(LookupError):
     """An expression that finds no value in a sample."""
 
+
+TARGETS = {
+    "generation": ("audio", "start", "end", "caption", "rich_caption", "rich_caption.keywords", "rich_caption.layout",
+                   "rich_caption.description", "codes", "transcript"),
+    "understanding": ("audio", "sound", "start", "end", "conversations", "messages", "question", "answer",
+                      "transcript"),
+}
+"""The fields a mapping may set in each family's record; chat and preference records take any."""
+
+TEXT_TARGETS = {
+    "generation": (("caption", "rich_caption", "transcript"), "caption", "--field caption=json.caption"),
+    "understanding": (("conversations", "messages", "answer", "transcript"), "answer (or conversation)",
+                      "--field answer=json.caption --field question='\"Describe the sound.\"'"),
+}
+"""Per family: the fields of which a record needs one (the text it trains on, see ``assemble``),
+what to call them in a message, and a mapping that gives one."""
+
+TEXT_FIELDS = ("caption", "transcript", "question", "answer", "rich_caption.layout", "rich_caption.description")
+"""Targets that hold one text: a mapping that finds a list there names the item to take."""
 
 _TOKEN = re.compile(r'\[\s*(?P<index>-?\d+|\*|"(?:[^"\\]|\\.)*")\s*\]|(?P<name>[^.\[\]|]+)|(?P<dot>\.)')
 
@@ -281,8 +301,16 @@ class FieldMap:
                 raise MappingMiss(f"the mapping {target}={expr.text} finds nothing in {where}; its fields are: "
                                   f"{fields} (fix the expression, or end it with ? when the field is optional)",
                                   target) from None
+            if target in TEXT_FIELDS and isinstance(value, list):
+                raise MappingMiss(f"the mapping {target}={expr.text} finds a list of {len(value)} in {where}, not "
+                                  f"one text: take an item, e.g. {_first_item(expr.text)}", target)
             _set(record, target, value)
         return record
+
+
+def _first_item(expression: str) -> str:
+    """``expression`` with ``[0]`` after each path alternative, for a message (``json.text`` -> ``json.text[0]``)."""
+    return "|".join(p if p.strip().startswith('"') else f"{p.strip().rstrip('?')}[0]" for p in expression.split("|"))
 
 
 def assemble(record: dict, family: str) -> dict:
@@ -306,8 +334,8 @@ def assemble(record: dict, family: str) -> dict:
                               "answer (or transcript) and a question to build one, e.g. --field answer=json.caption "
                               "--field question='\"Describe the sound.\"'", "answer")
         question = record.get("question")
-        if question is None:
-            raise RecordError("is missing: give the question asked about every clip, e.g. "
+        if question is None:  # a mapping problem (one question for every clip, or a field), as MappingMiss
+            raise MappingMiss("no question is given: add the question asked about every clip, e.g. "
                               "--field question='\"Transcribe the speech.\"' (a JSON string), or map a field", "question")
         for name, value in (("question", question), ("answer", answer)):
             if not isinstance(value, str):
@@ -399,6 +427,13 @@ def build_field_map(flags: Sequence[str] = (), fields_file: Optional[str] = None
     for item in flags:
         t, e = parse_field_flag(item)
         fields[t] = e
+    known = TARGETS.get(family)
+    for target, expr in fields.items():
+        if known is not None and target not in known:
+            close = difflib.get_close_matches(target, known, n=1)
+            raise FieldError(f"--field {target}={expr.text}: {family} records have no field {target!r}"
+                             + (f" (did you mean {close[0]}?)" if close else "") + f"; the targets are: "
+                             + ", ".join(known))
     return FieldMap(tuple(fields.items()), preset)
 
 

@@ -67,6 +67,26 @@ def test_a_mapping_that_finds_nothing_names_the_fields_the_sample_has():
     assert ok.apply(SAMPLE, {"keep": 1}) == {"keep": 1, "caption": "a dog barks", "chosen": {"audio": b"fLaC..."}}
 
 
+def test_targets_are_the_fields_of_the_family_record():
+    with pytest.raises(FieldError, match=r"generation records have no field 'captoin' \(did you mean caption\?\); "
+                                         r"the targets are: audio, start, end, caption"):
+        build_field_map(["captoin=json.text[0]"], family="generation")
+    with pytest.raises(FieldError, match="understanding records have no field 'caption'"):
+        build_field_map(["caption=json.text[0]"], family="understanding")
+    assert build_field_map(["rich_caption.layout=json.layout"], family="generation").get("rich_caption.layout")
+    # Chat and preference records take any field (a pair's sides are dotted: chosen.audio).
+    assert build_field_map(["chosen.audio=chosen.flac"], family="preference").get("chosen.audio")
+
+
+def test_a_text_target_that_finds_a_list_names_the_item_to_take():
+    with pytest.raises(MappingMiss, match=r"caption=json.text finds a list of 2 in s, not one text: take an item, "
+                                          r"e.g. json.text\[0\]"):
+        build_field_map(["caption=json.text"]).apply(SAMPLE, {}, "s")
+    with pytest.raises(MappingMiss, match=r"e.g. json.caption\[0\]\|json.text\[0\]"):
+        build_field_map(["answer=json.caption|json.text?"]).apply(SAMPLE, {}, "s")
+    assert build_field_map(["caption=supervisions[*].text"]).apply(SAMPLE, {}) == {"caption": "hello world"}
+
+
 def test_flags_override_the_file_which_overrides_the_preset(tmp_path):
     path = tmp_path / "map.json"
     path.write_text(json.dumps({"answer": "json.text[1]", "start": "json.start?"}))
@@ -100,7 +120,7 @@ def test_assembly_builds_the_family_record():
     assert assemble({"caption": "c", "transcript": "hi"}, "generation")["caption"] == "c"
     rec = assemble({"transcript": "hello", "question": "Transcribe."}, "understanding")
     assert rec["conversations"] == [{"from": "human", "value": "<sound>\nTranscribe."}, {"from": "gpt", "value": "hello"}]
-    with pytest.raises(RecordError, match="give the question") as err:
+    with pytest.raises(MappingMiss, match="no question is given: add the question asked") as err:
         assemble({"answer": "x"}, "understanding")
     assert err.value.field == "question"
     with pytest.raises(RecordError, match="needs 'conversations'"):

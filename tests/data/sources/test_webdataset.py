@@ -154,6 +154,7 @@ def test_bad_samples_are_named_and_good_ones_kept(tmp_path, tokenizer_path):
     assert field == "answer" and "json.text[0]|json.text finds nothing" in reason and "flac (" in reason
     field, reason = got["b-bad.tar:garbage"]
     assert field == "audio" and f"cannot decode audio {tmp_path}/b-bad.tar:garbage.flac" in reason
+    assert "object at 0x" not in reason  # libsndfile's reason, not the repr of the bytes it read
     field, reason = got["b-bad.tar:nocaption"]
     assert field == "answer" and "its fields are: __key__, flac (" in reason and "json.title" in reason
     assert "g2.flac is cut short" in got["c-truncated.tar:g2"][1]
@@ -169,16 +170,26 @@ def test_strict_stops_at_the_first_bad_sample(tmp_path, tokenizer_path, capsys):
     assert f"error (--strict): {tmp_path}/b-bad.tar:noaudio: field 'audio'" in err
 
 
-def test_a_mapping_that_finds_nothing_stops_before_the_run(tmp_path, tokenizer_path, laion, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["answer=json.caption", f'question="{QUESTION}"'], "the mapping answer=json.caption finds nothing"),
+    # Nothing maps the answer and the sample has none under the record's names.
+    ([], "no --field maps the answer (or conversation)"),
+    # json.text is LAION's list of captions: one is the answer.
+    (["answer=json.text", f'question="{QUESTION}"'], "the mapping answer=json.text finds a list of"),
+    (["answer=json.text[0]"], "no question is given: add the question asked about every clip"),
+])
+def test_a_mapping_that_cannot_work_stops_before_the_run(tmp_path, tokenizer_path, laion, capsys, flags, message):
     pattern, _ = laion
-    rc = preprocess_understanding_main(["--input", pattern, "--field", "answer=json.caption", "--field",
-                                        f"question=\"{QUESTION}\"", "--output", str(tmp_path / "out"),
-                                        *common(tokenizer_path, 8, *UNDERSTANDING)])
+    rc = preprocess_understanding_main(["--input", pattern, *(a for f in flags for a in ("--field", f)),
+                                        "--output", str(tmp_path / "out"), *common(tokenizer_path, 8, *UNDERSTANDING)])
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "laion-000000.tar:000000: the mapping answer=json.caption finds nothing" in err
-    assert "its fields are: __key__, flac (" in err and "json.text, json.original_data.id" in err
+    assert "laion-000000.tar:000000: " in err and message in err
+    if "finds a list" in message:
+        assert "take an item, e.g. json.text[0]" in err
+    if "finds nothing" in message or "no --field" in message:
+        assert "its fields are: __key__, flac (" in err and "json.text, json.original_data.id" in err
     assert not os.path.exists(tmp_path / "out")
 
 
