@@ -234,14 +234,16 @@ def _run(args, family: str, converter: Callable[[], tuple], encode_in_main: Call
     quiet.install()
     from megatron_ualm.data.codec import CodecLoadError
     from megatron_ualm.data.preprocess import Job, ManifestError, StrictStop, check_output, open_manifests, run
-    from megatron_ualm.data.sources import CorpusError, FieldError, open_corpus
+    from megatron_ualm.data.sources import CorpusError, FieldError, expand_inputs, open_corpus
     from megatron_ualm.data.tasks import IncompleteOutput, OutputConflict, TaskError, check_split, resolve_task
 
     name = args.name or family
     try:
         task = resolve_task(args.num_tasks, args.task_index)
         corpus = open_corpus(args, family)  # None: manifests read as they are
-        manifests = open_manifests(args.input) if corpus is None else None
+        # Manifests take globs and brace ranges too (train-*.parquet); a plain path is named by open_manifests.
+        inputs = expand_inputs(args.input, keep_missing=True) if corpus is None else corpus.files
+        manifests = open_manifests(inputs) if corpus is None else None
         check_output(args.output)
         check_split(args.output, name, task)
         _check_tokenizer(args.tokenizer)
@@ -249,7 +251,7 @@ def _run(args, family: str, converter: Callable[[], tuple], encode_in_main: Call
         if corpus is not None:
             corpus.check_mapping()  # counts the corpus, then maps its first record
         spec = converter()
-        job = Job(converter=spec, inputs=args.input if corpus is None else corpus.files, output=args.output,
+        job = Job(converter=spec, inputs=inputs, output=args.output,
                   name=name, records_per_shard=args.records_per_shard, workers=args.workers, strict=args.strict,
                   progress=not args.no_progress, encode_in_main=encode_in_main(), corpus=corpus)
         summary = run(job, task=task, manifests=manifests)
@@ -264,6 +266,13 @@ def _run(args, family: str, converter: Callable[[], tuple], encode_in_main: Call
     if summary.get("rejected"):
         print(f"{summary['rejected']} of {summary['records']} records rejected (not in the shards); each one's source, "
               f"field and reason: {summary['rejected_file']}", file=sys.stderr)
+        if not summary.get("samples") and summary.get("reasons"):
+            reason, n = next(iter(summary["reasons"].items()))
+            with open(summary["rejected_file"]) as f:
+                first = json.loads(f.readline())
+            where = f"field {first['field']!r}: " if first.get("field") else ""
+            print(f"nothing was kept; most often ({n} records): {reason}; the first: {first['source']}: {where}"
+                  f"{first['reason']}", file=sys.stderr)
     return 0
 
 

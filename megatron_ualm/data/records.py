@@ -61,12 +61,20 @@ def parse_record(raw: Any) -> dict:
     return rec
 
 
+def _missing(rec: dict, field: str, what: str = "is missing") -> RecordError:
+    """``field`` is missing: the error names the fields ``rec`` does have (another corpus's names),
+    after a colon (the rejection summary groups reasons by what comes before it)."""
+    names = [k for k, v in rec.items() if v is not None]
+    have = ", ".join(map(str, names[:20])) + (", ..." if len(names) > 20 else "") if names else "no fields"
+    return RecordError(f"{what}: the record has {have}", field)
+
+
 def _string(rec: dict, key: str, field: Optional[str] = None, required: bool = True) -> Optional[str]:
     field = field or key
     value = rec.get(key)
     if value is None:
         if required:
-            raise RecordError("is missing", field)
+            raise _missing(rec, field)
         return None
     if not isinstance(value, str):
         raise RecordError(f"must be a string, got {type(value).__name__}", field)
@@ -82,7 +90,7 @@ def parse_turns(rec: dict) -> list[tuple[str, str, str]]:
     elif "conversations" in rec:
         key, role_key, content_key = "conversations", "from", "value"
     else:
-        raise RecordError("needs 'messages' (role/content) or 'conversations' (from/value)", "messages")
+        raise _missing(rec, "messages", "needs 'messages' (role/content) or 'conversations' (from/value)")
     turns = rec[key]
     if not isinstance(turns, list) or not turns:
         raise RecordError(f"must be a non-empty list of turns, got {type(turns).__name__}", key)
@@ -112,7 +120,7 @@ def audio_source(rec: dict, keys: Sequence[str], root: str) -> tuple[Any, str]:
             if isinstance(value, (bytes, bytearray)):
                 return (value if isinstance(value, bytes) else bytes(value)), key  # keeps a NamedBytes' name
             raise RecordError(f"must be a file path or audio bytes, got {type(value).__name__}", key)
-    raise RecordError("is missing", keys[0])
+    raise _missing(rec, keys[0])
 
 
 class Converter(ABC):
@@ -164,7 +172,7 @@ class TextConverter(Converter):
         if "messages" in rec or "conversations" in rec:
             return [self.text(role, content, field) for role, content, field in parse_turns(rec)]
         if "text" not in rec:
-            raise RecordError("needs 'text' (plain text) or 'messages' (a chat)", "text")
+            raise _missing(rec, "text", "needs 'text' (plain text) or 'messages' (a chat)")
         return [self.text("assistant", _string(rec, "text"), "text")]
 
 

@@ -40,6 +40,8 @@ def text(p, **kw) -> list[str]:
 CASES = {
     "missing manifest": ("preprocess_text", lambda p: text(p, input=os.path.join(p["dir"], "nope.jsonl")),
                          ["manifest", "nope.jsonl does not exist"]),
+    "manifest glob that matches nothing": ("preprocess_text", lambda p: text(p, input=os.path.join(p["dir"], "n*.jsonl")),
+                                           ["--input", "n*.jsonl matches no file"]),
     "CSV manifest": ("preprocess_text", lambda p: text(p, input=p["csv"]), ["m.csv is not JSON Lines", "read_csv"]),
     "JSON array manifest": ("preprocess_text", lambda p: text(p, input=p["array"]), ["first line is not a JSON object"]),
     "missing tokenizer": ("preprocess_text", lambda p: text(p, tokenizer=os.path.join(p["dir"], "tok.json")),
@@ -84,6 +86,31 @@ def test_output_of_another_run_is_one_line(inputs, capsys):
     assert preprocess_text_main(text(inputs, tokenizer=inputs["sp"])) == 2
     line = one_line(capsys.readouterr().err)
     assert "holds shards of another run" in line and "sp.model here" in line and "new --output" in line
+
+
+def test_a_manifest_glob_reads_what_listing_its_files_reads(inputs):
+    d = inputs["dir"]
+    (d_m2 := os.path.join(d, "m2.jsonl")) and open(d_m2, "w").write(json.dumps({"text": "cat meow"}) + "\n")
+    assert preprocess_text_main(text(inputs, input=os.path.join(d, "m*.jsonl"), output=os.path.join(d, "glob"))) == 0
+    listed = os.path.join(d, "listed")
+    assert preprocess_text_main([*text(inputs, output=listed), "--input", inputs["manifest"], d_m2]) == 0
+    runs = [json.load(open(os.path.join(d, out, "text.run.json"))) for out in ("glob", "listed")]
+    assert runs[0]["records"] == 2 and runs[0]["run_key"] == runs[1]["run_key"]
+    shards = [open(os.path.join(d, out, "text-00000", "text.bin"), "rb").read() for out in ("glob", "listed")]
+    assert shards[0] == shards[1]
+
+
+def test_a_run_that_keeps_nothing_says_why(inputs, capsys):
+    with open(inputs["manifest"], "w") as f:
+        f.write(json.dumps({"body": "dog bark"}) + "\n" + json.dumps({"body": "cat", "id": 3}) + "\n")
+    assert preprocess_text_main(text(inputs)) == 0
+    err = capsys.readouterr().err
+    assert "2 of 2 records rejected" in err
+    needs = "needs 'text' (plain text) or 'messages' (a chat)"
+    assert (f"nothing was kept; most often (2 records): text: {needs}; the first: {inputs['manifest']}:1: field "
+            f"'text': {needs}: the record has body\n") in err
+    reasons = [json.loads(line)["reason"] for line in open(os.path.join(inputs["dir"], "out", "text.rejected.jsonl"))]
+    assert reasons == [f"{needs}: the record has body", f"{needs}: the record has body, id"]
 
 
 def test_codec_checks_its_directory_before_loading(tmp_path):

@@ -37,7 +37,7 @@ from megatron_ualm.data.sources.base import Corpus, CorpusError, LazyRecord, exp
 from megatron_ualm.data.sources.fields import PRESETS, FieldError, build_field_map, describe_presets
 
 __all__ = ["Corpus", "CorpusError", "FieldError", "LazyRecord", "FORMATS", "add_corpus_arguments",
-           "detect_format", "materialize", "open_corpus"]
+           "detect_format", "expand_inputs", "materialize", "open_corpus"]
 
 FORMATS = {
     "manifest": "megatron_ualm.data.sources.manifest:ManifestCorpus",

@@ -51,10 +51,14 @@ class NamedBytes(bytes):
         return NamedBytes, (bytes(self), self.name)
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
+def expand_inputs(patterns: Sequence[str], keep_missing: bool = False) -> list[str]:
     """Inputs with WebDataset brace ranges (``laion-{000000..000099}.tar``) and globs expanded.
 
     Order: the patterns as given; a glob's matches sorted; a brace range in its own order.
+
+    Args:
+        keep_missing: keep a plain path that does not exist (its reader names it) instead of
+            raising; patterns must still match.
 
     Raises:
         CorpusError: a pattern that matches nothing.
@@ -69,7 +73,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
                 if not found:
                     raise CorpusError(f"--input {pattern}: {item} matches no file")
                 out.extend(found)
-            elif not os.path.exists(item):
+            elif not os.path.exists(item) and not (keep_missing and item == pattern):
                 raise CorpusError(f"--input {pattern}: {item} does not exist" +
                                   (" (expanded from the brace range)" if item != pattern else ""))
             else:
@@ -272,7 +276,7 @@ class Corpus(ABC):
             targets, needed, example = TEXT_TARGETS[self.family]
             if all(record.get(t) is None and mapping.get(t) is None for t in targets):
                 raise MappingMiss(f"no --field maps the {needed} and {what} has no field named "
-                                  f"{' or '.join(targets)}; its fields are: {fields} (map one, e.g. {example}, or "
+                                  f"{' or '.join(targets)}; its fields are: {fields} (map one with {example}, or "
                                   "choose a --preset)", targets[0])
         return assemble(record, self.family)
 

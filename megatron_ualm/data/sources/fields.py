@@ -52,9 +52,9 @@ TARGETS = {
 """The fields a mapping may set in each family's record; chat and preference records take any."""
 
 TEXT_TARGETS = {
-    "generation": (("caption", "rich_caption", "transcript"), "caption", "--field caption=json.caption"),
+    "generation": (("caption", "rich_caption", "transcript"), "caption", "--field caption=FIELD"),
     "understanding": (("conversations", "messages", "answer", "transcript"), "answer (or conversation)",
-                      "--field answer=json.caption --field question='\"Describe the sound.\"'"),
+                      "--field answer=FIELD --field question='\"Describe the sound.\"'"),
 }
 """Per family: the fields of which a record needs one (the text it trains on, see ``assemble``),
 what to call them in a message, and a mapping that gives one."""
