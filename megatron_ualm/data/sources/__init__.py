@@ -96,8 +96,9 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
                             "caption=supervisions[0].text, transcript=supervisions[*].text (joined), "
                             "caption=json.text[0]|json.text (first found), start=json.start? (optional), "
                             "question='\"Describe the sound.\"' (a JSON string for every record). Targets: audio, "
-                            "start, end, caption, rich_caption, transcript, question, answer, conversations, or "
-                            "any (dotted) record field. Repeatable; overrides --fields-file and --preset")
+                            "start, end, caption, rich_caption, codes, transcript (generation); audio, start, end, "
+                            "question, answer, conversations, messages, transcript (understanding); any (dotted) "
+                            "record field (chat, preferences). Repeatable; overrides --fields-file and --preset")
     group.add_argument("--fields-file", metavar="FILE",
                        help='a JSON object of mappings, e.g. {"caption": "json.text[0]", "start": "json.start?"}')
     group.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME",
