@@ -40,7 +40,8 @@ def text(p, **kw) -> list[str]:
 CASES = {
     "missing manifest": ("preprocess_text", lambda p: text(p, input=os.path.join(p["dir"], "nope.jsonl")),
                          ["manifest", "nope.jsonl does not exist"]),
-    "manifest glob that matches nothing": ("preprocess_text", lambda p: text(p, input=os.path.join(p["dir"], "n*.jsonl")),
+    "manifest glob that matches nothing": ("preprocess_text",
+                                           lambda p: text(p, input=os.path.join(p["dir"], "n*.jsonl")),
                                            ["--input", "n*.jsonl matches no file"]),
     "CSV manifest": ("preprocess_text", lambda p: text(p, input=p["csv"]), ["m.csv is not JSON Lines", "read_csv"]),
     "JSON array manifest": ("preprocess_text", lambda p: text(p, input=p["array"]), ["first line is not a JSON object"]),

@@ -268,16 +268,15 @@ class Corpus(ABC):
         view, record, what = self.view(where)
         mapping = self.mapping()
         record = mapping.apply(view, record, what)
-        fields = ", ".join(available_fields(view)) or "none"
         if self.family in self.needs_audio and all(record.get(k) is None for k in ("audio", "sound", "codes")):
-            raise RecordError(f"is missing: {what} has no audio; its fields are: {fields} (map one with "
-                              "--field audio=...)", "audio")
+            raise RecordError(f"is missing: {what} has no audio; its fields are: {available_fields(view)} (map one "
+                              "with --field audio=...)", "audio")
         if self.family in TEXT_TARGETS:
             targets, needed, example = TEXT_TARGETS[self.family]
             if all(record.get(t) is None and mapping.get(t) is None for t in targets):
                 raise MappingMiss(f"no --field maps the {needed} and {what} has no field named "
-                                  f"{' or '.join(targets)}; its fields are: {fields} (map one with {example}, or "
-                                  "choose a --preset)", targets[0])
+                                  f"{' or '.join(targets)}; its fields are: {available_fields(view)} (map one with "
+                                  f"{example}, or choose a --preset)", targets[0])
         return assemble(record, self.family)
 
 

@@ -228,8 +228,9 @@ def _split_alternatives(body: str, whole: str) -> list[str]:
     return parts
 
 
-def available_fields(view: Mapping[str, Any], limit: int = 40) -> list[str]:
-    """Paths that find a value in ``view``, for the message of a mapping that finds nothing.
+def available_fields(view: Mapping[str, Any], limit: int = 40) -> str:
+    """The paths that find a value in ``view``, comma-separated (``none``), for the message of a
+    mapping that finds nothing.
 
     Lists show their first item (``supervisions[0].text``); bytes show their size.
     """
@@ -250,7 +251,7 @@ def available_fields(view: Mapping[str, Any], limit: int = 40) -> list[str]:
             out.append(path)
 
     visit(view, "", 0)
-    return out[:limit] + (["..."] if len(out) > limit else [])
+    return ", ".join(out[:limit] + (["..."] if len(out) > limit else [])) or "none"
 
 
 def _set(record: dict, target: str, value: Any) -> None:
@@ -297,10 +298,9 @@ class FieldMap:
             except NotFound:
                 if expr.optional:
                     continue
-                fields = ", ".join(available_fields(view)) or "none"
                 raise MappingMiss(f"the mapping {target}={expr.text} finds nothing in {where}; its fields are: "
-                                  f"{fields} (fix the expression, or end it with ? when the field is optional)",
-                                  target) from None
+                                  f"{available_fields(view)} (fix the expression, or end it with ? when the field "
+                                  "is optional)", target) from None
             if target in TEXT_FIELDS and isinstance(value, list):
                 raise MappingMiss(f"the mapping {target}={expr.text} finds a list of {len(value)} in {where}, not "
                                   f"one text: take an item, e.g. {_first_item(expr.text)}", target)
@@ -335,8 +335,8 @@ def assemble(record: dict, family: str) -> dict:
                               "--field question='\"Describe the sound.\"'", "answer")
         question = record.get("question")
         if question is None:  # a mapping problem (one question for every clip, or a field), as MappingMiss
-            raise MappingMiss("no question is given: add the question asked about every clip, e.g. "
-                              "--field question='\"Transcribe the speech.\"' (a JSON string), or map a field", "question")
+            raise MappingMiss("no question is given: add the question asked about every clip, e.g. --field "
+                              "question='\"Transcribe the speech.\"' (a JSON string), or map a field", "question")
         for name, value in (("question", question), ("answer", answer)):
             if not isinstance(value, str):
                 raise RecordError(f"must be text, got {type(value).__name__}", name)
