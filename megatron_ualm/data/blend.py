@@ -240,7 +240,9 @@ def plan_blend(shard_dirs: Sequence[str], upsample: Optional[dict] = None) -> Bl
         plan.samples.append(meta["counts"]["samples"])
         plan.tokens.append(meta["counts"]["tokens"])
     if not plan.shards:
-        raise ValueError("every shard is empty")
+        rejected = sorted({os.path.join(os.path.dirname(os.path.abspath(d)), "*.rejected.jsonl") for d in shard_dirs})
+        raise ValueError(f"every shard is empty ({len(shard_dirs)}): preprocessing kept no record (empty inputs, or "
+                         f"every record rejected: see {', '.join(rejected)})")
     plan.vocab_layout = shared_layout(layouts)
     return plan
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from megatron_ualm.data.cli import (inspect_shards_main, preprocess_generation_main, preprocess_text_main,
-                                    preprocess_understanding_main)
+from megatron_ualm.data.cli import (build_blend_main, inspect_shards_main, preprocess_generation_main,
+                                    preprocess_text_main, preprocess_understanding_main)
 from megatron_ualm.data.codec import CodecLoadError, XCodec
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -112,6 +112,12 @@ def test_a_run_that_keeps_nothing_says_why(inputs, capsys):
             f"'text': {needs}: the record has body\n") in err
     reasons = [json.loads(line)["reason"] for line in open(os.path.join(inputs["dir"], "out", "text.rejected.jsonl"))]
     assert reasons == [f"{needs}: the record has body", f"{needs}: the record has body, id"]
+    # The blend of such a set says where the reasons are.
+    out = os.path.join(inputs["dir"], "out")
+    assert build_blend_main([out, "--output", os.path.join(inputs["dir"], "blend.json")]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line == (f"error: every shard is empty (1): preprocessing kept no record (empty inputs, or every record "
+                    f"rejected: see {out}/*.rejected.jsonl)")
 
 
 def test_codec_checks_its_directory_before_loading(tmp_path):
