@@ -241,9 +241,12 @@ def _run(args, family: str, converter: Callable[[], tuple], encode_in_main: Call
     try:
         task = resolve_task(args.num_tasks, args.task_index)
         corpus = open_corpus(args, family)  # None: manifests read as they are
-        # Manifests take globs and brace ranges too (train-*.parquet); a plain path is named by open_manifests.
-        inputs = expand_inputs(args.input, keep_missing=True) if corpus is None else corpus.files
-        manifests = open_manifests(inputs) if corpus is None else None
+        if corpus is None:
+            # Manifests take globs and brace ranges too (train-*.parquet); open_manifests names a missing path.
+            inputs = expand_inputs(args.input, keep_missing=True)
+            manifests = open_manifests(inputs)
+        else:
+            inputs, manifests = corpus.files, None
         check_output(args.output)
         check_split(args.output, name, task)
         _check_tokenizer(args.tokenizer)

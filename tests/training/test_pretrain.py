@@ -19,6 +19,8 @@ import torch
 from ualm_testing import child_env, run_ok
 from ualm_testing import torchrun as launch_cmd
 
+from megatron_ualm.checkpoint_format import read_tracker
+
 pytestmark = pytest.mark.slow  # measured above 5 s on 2 cores: scripts/run_tests.sh --quick leaves it out
 
 HERE = os.path.dirname(__file__)
@@ -179,10 +181,8 @@ def _signal_a_long_run(tmp_path, sig: int, *flags: str):
     cmd = [sys.executable, "-m", "megatron_ualm.pretrain", *COMMON[:COMMON.index("--train-iters")],
            "--train-iters", "500", *COMMON[COMMON.index("--train-iters") + 2:], "--save", save,
            "--num-workers", "1", *flags]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=dict(env, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1"), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 600
     while "iteration        4/" not in open(log).read():
         assert proc.poll() is None and time.time() < deadline, open(log).read()[-4000:]
@@ -202,9 +202,8 @@ def test_sigterm_to_the_whole_job_saves_and_exits(tmp_path):
     save, log, status = _signal_a_long_run(tmp_path, signal.SIGTERM, "--exit-signal-handler")
     assert status == 0, open(log).read()[-4000:]
     assert "exiting program after receiving SIGTERM" in open(log).read()
-    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
-        iteration = int(f.read())
-    assert 4 <= iteration < 500 and os.path.isdir(os.path.join(save, f"iter_{iteration:07d}"))
+    folder = read_tracker(save)
+    assert 4 <= int(folder.removeprefix("iter_")) < 500 and os.path.isdir(os.path.join(save, folder))
 
 
 def test_ctrl_c_ends_the_run_in_one_line_naming_what_resumes(tmp_path):
@@ -213,8 +212,7 @@ def test_ctrl_c_ends_the_run_in_one_line_naming_what_resumes(tmp_path):
     save, log, status = _signal_a_long_run(tmp_path, signal.SIGINT, "--load", str(tmp_path / "ckpt"))
     text = open(log).read()
     assert status == 130, text[-4000:]
-    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
-        folder = f"iter_{int(f.read()):07d}"
+    folder = read_tracker(save)
     assert os.path.isdir(os.path.join(save, folder))
     line = f"interrupted (SIGINT): the last checkpoint is {save}/{folder}; the same command resumes from it"
     assert text.count(line) == 1 and "Traceback" not in text, text[-4000:]

@@ -303,14 +303,16 @@ class FieldMap:
                                   "is optional)", target) from None
             if target in TEXT_FIELDS and isinstance(value, list):
                 raise MappingMiss(f"the mapping {target}={expr.text} finds a list of {len(value)} in {where}, not "
-                                  f"one text: take an item, e.g. {_first_item(expr.text)}", target)
+                                  f"one text: take an item, e.g. {_first_item(expr)}", target)
             _set(record, target, value)
         return record
 
 
-def _first_item(expression: str) -> str:
-    """``expression`` with ``[0]`` after each path alternative, for a message (``json.text`` -> ``json.text[0]``)."""
-    return "|".join(p if p.strip().startswith('"') else f"{p.strip().rstrip('?')}[0]" for p in expression.split("|"))
+def _first_item(expr: Expression) -> str:
+    """``expr`` with ``[0]`` after each path alternative, for a message (``json.text`` -> ``json.text[0]``)."""
+    body = expr.text.strip().removesuffix("?") if expr.optional else expr.text
+    parts = [p.strip() for p in _split_alternatives(body, expr.text)]
+    return "|".join(p if p.startswith('"') else f"{p}[0]" for p in parts)
 
 
 def assemble(record: dict, family: str) -> dict:
