@@ -32,7 +32,8 @@ finished task, <name>.task-IIIII-of-NNNNN.json.
 Rerunning the same command resumes: finished shards are kept, a crashed run's partial shard
 is discarded and rewritten. Bad records are skipped and counted unless --strict. Errors in
 the command (a missing manifest, a wrong path, an --output of another run) stop at once
-with one line saying what to do (exit 2).
+with one line saying what to do (exit 2). Exit 1: a bad record under --strict, or every
+record rejected (the run's files are still written, and say why).
 """
 
 
@@ -229,7 +230,9 @@ def _run(args, family: str, converter: Callable[[], tuple], encode_in_main: Call
         precheck: the family's own cheap checks (e.g. the codec directory).
 
     Returns:
-        0, 1 for a bad record under --strict, 2 for a user error.
+        0; 1 for a bad record under --strict or when every record was rejected (so a Slurm array
+        task that kept nothing shows as failed; its files are written all the same); 2 for a user
+        error.
     """
     quiet.install()
     from megatron_ualm.data.codec import CodecLoadError
@@ -276,6 +279,7 @@ def _run(args, family: str, converter: Callable[[], tuple], encode_in_main: Call
             where = f"field {first['field']!r}: " if first.get("field") else ""
             print(f"nothing was kept; most often ({n} records): {reason}; the first: {first['source']}: {where}"
                   f"{first['reason']}", file=sys.stderr)
+            return 1
     return 0
 
 

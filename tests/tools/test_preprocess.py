@@ -196,7 +196,7 @@ def test_understanding_bad_records(tmp_path, tokenizer_path, audio_dir):
     manifest.write_text("\n".join(json.dumps(l) for l in lines))
     out = tmp_path / "o"
     assert preprocess_understanding_main(["--input", str(manifest), "--output", str(out), "--audio-root", audio_dir,
-                                          *common(tokenizer_path)]) == 0
+                                          *common(tokenizer_path)]) == 1  # every record rejected
     rejected = [json.loads(l) for l in open(out / "understanding.rejected.jsonl")]
     assert [(r["source"].rsplit(":", 1)[1], r["field"]) for r in rejected] == [
         ("1", "conversations[0].value"), ("2", "conversations[0].from"), ("3", "conversations"),

@@ -104,7 +104,7 @@ def test_a_manifest_glob_reads_what_listing_its_files_reads(inputs):
 def test_a_run_that_keeps_nothing_says_why(inputs, capsys):
     with open(inputs["manifest"], "w") as f:
         f.write(json.dumps({"body": "dog bark"}) + "\n" + json.dumps({"body": "cat", "id": 3}) + "\n")
-    assert preprocess_text_main(text(inputs)) == 0
+    assert preprocess_text_main(text(inputs)) == 1
     err = capsys.readouterr().err
     assert "2 of 2 records rejected" in err
     needs = "needs 'text' (plain text) or 'messages' (a chat)"
