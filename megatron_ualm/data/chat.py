@@ -82,7 +82,7 @@ from megatron_ualm.data.audio import AUDIO_IN_SAMPLE_RATE, AudioInConfig, load_a
 from megatron_ualm.data.codec import encode_audio_out
 from megatron_ualm.data.errors import RecordError
 from megatron_ualm.data.records import (ROLE_ALIASES, Converted, Converter, GenerationConverter,
-                                        UnderstandingConverter, audio_source, format_rich_caption)
+                                        UnderstandingConverter, audio_source, check_text, format_rich_caption)
 from megatron_ualm.data.shards import Segment
 
 KINDS = ("chat", "enrichment", "dialogue", "self_reflection")
@@ -138,14 +138,6 @@ class Turn:
     condition: Optional[bool] = None
 
 
-def _string(value: Any, field: str) -> str:
-    if not isinstance(value, str):
-        raise RecordError(f"must be a string, got {type(value).__name__ if value is not None else 'nothing'}", field)
-    if not value.strip():
-        raise RecordError("is empty text", field)
-    return value
-
-
 def _flag(value: Any, field: str) -> Optional[bool]:
     if value is None or isinstance(value, bool):
         return value
@@ -172,7 +164,7 @@ def message_turn(msg: Any, field: str, default_role: Optional[str] = None) -> Tu
     turn = Turn(role, part, f"{field}.{key}", loss=_flag(msg.get("loss"), f"{field}.loss"),
                 condition=_flag(msg.get("condition"), f"{field}.condition"))
     if key in ("content", "value", "text"):
-        turn.text = _string(msg[key], turn.field)
+        turn.text = check_text(msg[key], turn.field)
     elif key == "audio":
         turn.audio, turn.start, turn.end = msg["audio"], msg.get("start"), msg.get("end")
     else:
@@ -192,7 +184,7 @@ def _audio_turn(rec: dict, part: str, audio_key: str, codes_key: str) -> Turn:
 def _rich_caption(rec: dict) -> str:
     value = rec.get("rich_caption")
     if isinstance(value, str):
-        return _string(value, "rich_caption")
+        return check_text(value, "rich_caption")
     if value is None:
         raise RecordError("is missing (the plan: keywords / layout / description, or its text)", "rich_caption")
     return format_rich_caption(value)
@@ -209,10 +201,10 @@ def record_turns(rec: dict, instructions: Mapping[str, str]) -> list[Turn]:
             raise RecordError("must be a non-empty list of messages", "messages")
         return [message_turn(m, f"messages[{i}]") for i, m in enumerate(messages)]
 
-    system = _string(rec["system"], "system") if rec.get("system") is not None else (
+    system = check_text(rec["system"], "system") if rec.get("system") is not None else (
         instructions["dialogue"] if kind == "dialogue" else instructions["enrichment"])
     turns = [Turn("system", "system", "system", text=system),
-             Turn("user", "prompt", "prompt", text=_string(rec.get("prompt"), "prompt"))]
+             Turn("user", "prompt", "prompt", text=check_text(rec.get("prompt"), "prompt"))]
     if kind == "dialogue":
         qa = rec.get("turns")
         if not isinstance(qa, list) or not qa:
@@ -221,20 +213,20 @@ def record_turns(rec: dict, instructions: Mapping[str, str]) -> list[Turn]:
             if not isinstance(t, dict):
                 raise RecordError(f"must be an object with question and answer, got {type(t).__name__}", f"turns[{i}]")
             turns.append(Turn("assistant", "question", f"turns[{i}].question",
-                              text=_string(t.get("question"), f"turns[{i}].question")))
-            turns.append(Turn("user", "answer", f"turns[{i}].answer", text=_string(t.get("answer"), f"turns[{i}].answer")))
+                              text=check_text(t.get("question"), f"turns[{i}].question")))
+            turns.append(Turn("user", "answer", f"turns[{i}].answer", text=check_text(t.get("answer"), f"turns[{i}].answer")))
     turns.append(Turn("assistant", "plan", "rich_caption", text=_rich_caption(rec)))
     if kind != "self_reflection":
         return turns + [_audio_turn(rec, "audio", "audio", "codes")]
-    template = _string(rec["critique_prompt"], "critique_prompt") if rec.get("critique_prompt") is not None else (
+    template = check_text(rec["critique_prompt"], "critique_prompt") if rec.get("critique_prompt") is not None else (
         instructions["critique"])
     if "{caption}" not in template:
         raise RecordError("must contain {caption} (where the caption of audio 1 goes)", "critique_prompt")
-    caption = _string(rec.get("caption_1"), "caption_1")
+    caption = check_text(rec.get("caption_1"), "caption_1")
     return turns + [
         _audio_turn(rec, "audio_1", "audio_1", "codes_1"),
         Turn("user", "caption_1", "caption_1", text=template.replace("{caption}", caption)),
-        Turn("assistant", "critique", "critique", text=_string(rec.get("critique"), "critique")),
+        Turn("assistant", "critique", "critique", text=check_text(rec.get("critique"), "critique")),
         _audio_turn(rec, "audio_2", "audio_2", "codes_2"),
     ]
 

@@ -69,6 +69,15 @@ def _missing(rec: dict, field: str, what: str = "is missing") -> RecordError:
     return RecordError(f"{what}: the record has {have}", field)
 
 
+def check_text(value: Any, field: str) -> str:
+    """``value`` if it is a non-blank string; otherwise a ``RecordError`` naming ``field``."""
+    if not isinstance(value, str):
+        raise RecordError(f"must be a string, got {type(value).__name__ if value is not None else 'nothing'}", field)
+    if not value.strip():
+        raise RecordError("is empty text", field)
+    return value
+
+
 def _string(rec: dict, key: str, field: Optional[str] = None, required: bool = True) -> Optional[str]:
     field = field or key
     value = rec.get(key)
@@ -76,11 +85,7 @@ def _string(rec: dict, key: str, field: Optional[str] = None, required: bool = T
         if required:
             raise _missing(rec, field)
         return None
-    if not isinstance(value, str):
-        raise RecordError(f"must be a string, got {type(value).__name__}", field)
-    if not value.strip():
-        raise RecordError("is empty text", field)
-    return value
+    return check_text(value, field)
 
 
 def parse_turns(rec: dict) -> list[tuple[str, str, str]]:
