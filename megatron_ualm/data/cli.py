@@ -269,18 +269,20 @@ def _run(args, family: str, converter: Callable[[], tuple], encode_in_main: Call
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))
-    if summary.get("rejected"):
-        print(f"{summary['rejected']} of {summary['records']} records rejected (not in the shards); each one's source, "
-              f"field and reason: {summary['rejected_file']}", file=sys.stderr)
-        if not summary.get("samples") and summary.get("reasons"):
-            reason, n = next(iter(summary["reasons"].items()))
-            with open(summary["rejected_file"]) as f:
-                first = json.loads(f.readline())
-            where = f"field {first['field']!r}: " if first.get("field") else ""
-            print(f"nothing was kept; most often ({n} records): {reason}; the first: {first['source']}: {where}"
-                  f"{first['reason']}", file=sys.stderr)
-            return 1
-    return 0
+    if not summary.get("rejected"):
+        return 0
+    print(f"{summary['rejected']} of {summary['records']} records rejected (not in the shards); each one's source, "
+          f"field and reason: {summary['rejected_file']}", file=sys.stderr)
+    if summary.get("samples"):
+        return 0
+    if summary.get("reasons"):  # a shard written by an older version may not count its reasons
+        reason, n = next(iter(summary["reasons"].items()))
+        with open(summary["rejected_file"]) as f:
+            first = json.loads(f.readline())
+        where = f"field {first['field']!r}: " if first.get("field") else ""
+        print(f"nothing was kept; most often ({n} records): {reason}; the first: {first['source']}: {where}"
+              f"{first['reason']}", file=sys.stderr)
+    return 1
 
 
 def _root(args) -> str:
