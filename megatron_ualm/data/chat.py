@@ -214,7 +214,8 @@ def record_turns(rec: dict, instructions: Mapping[str, str]) -> list[Turn]:
                 raise RecordError(f"must be an object with question and answer, got {type(t).__name__}", f"turns[{i}]")
             turns.append(Turn("assistant", "question", f"turns[{i}].question",
                               text=check_text(t.get("question"), f"turns[{i}].question")))
-            turns.append(Turn("user", "answer", f"turns[{i}].answer", text=check_text(t.get("answer"), f"turns[{i}].answer")))
+            turns.append(Turn("user", "answer", f"turns[{i}].answer",
+                              text=check_text(t.get("answer"), f"turns[{i}].answer")))
     turns.append(Turn("assistant", "plan", "rich_caption", text=_rich_caption(rec)))
     if kind != "self_reflection":
         return turns + [_audio_turn(rec, "audio", "audio", "codes")]
